@@ -1,0 +1,283 @@
+"""Datasets with a controllable bias: colored MNIST, digit-pair MNIST and CelebA-64.
+
+Every dataset is returned as one `Split` of plain tensors (no DataLoader):
+
+    images  uint8 [N, 3, H, W]   RGB, H = W = 32 (MNIST) or 64 (CelebA)
+    group   int64 [N]            the sensitive attribute y (color / digit / Male)
+    label   int64 [N]            the class c a model may be conditioned on (digit / Smiling)
+
+Bias. For two groups the training split keeps a share `bias` of group 0 and 1 - bias of group 1:
+
+    n_0 = round(bias * N),  n_1 = N - n_0
+
+where N is `n_train` (0 = the largest N both groups can fill). Held-out splits are balanced 50/50,
+so an evaluation never inherits the training bias.
+
+* `cmnist`      MNIST digits padded to 32x32 and painted in a group color (group 0 red, group 1
+                green by default). Colors are assigned to a random permutation of the images, so the
+                digits keep their natural distribution inside each group.  label = digit.
+* `mnist-pair`  two digits (default 7 vs 8) in gray, group = which digit, label = group.
+* `celeba`      CelebA aligned faces, center crop 140 -> 64x64, group = `Male` (group 0 = male,
+                so `bias` is the share of men), label = `--cond-attr` (default Smiling).
+                `--cell-ratio a,b,c,d` instead fixes the shares of the four cells
+                (cond=1,male) : (cond=1,female) : (cond=0,male) : (cond=0,female), which InvDiff
+                uses to build a spurious correlation between Smiling and Male.
+
+CelebA is read with a few lines of our own (the attribute and partition rows, torchvision.io for
+the JPEGs) because `torchvision.datasets.CelebA` checks MD5s of annotation files that a subset cannot
+match. Decoded CelebA images are cached once as a uint8 tensor next to the images.
+"""
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.io import decode_image, encode_jpeg, write_file
+from torchvision.transforms.v2.functional import center_crop, resize
+
+DATASETS = ("cmnist", "mnist-pair", "celeba")
+COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+          "magenta": (255, 0, 255), "cyan": (0, 255, 255), "white": (255, 255, 255)}
+MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+CELEBA_FILES = ["img_align_celeba/", "list_attr_celeba.txt", "list_eval_partition.txt"]
+CELEBA_CROP, CELEBA_SIZE = 140, 64          # the usual CelebA-64 preprocessing (crop, then resize)
+MNIST_PAD = 2                               # 28 + 2·2 = 32 pixels
+CACHE_DIR = Path(os.environ.get("FAIRDIFF_CACHE", "runs/cache"))  # decoded-image caches
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cmnist"        # cmnist | mnist-pair | celeba
+    data_root: str = ""            # '' = $FAIRDIFF_DATA, else ./data
+    bias: float = 0.8              # share of group 0 in the training split
+    n_train: int = 0               # training-set size (0 = as large as the bias allows; celeba 7000)
+    colors: str = "red,green"      # cmnist: one color per group
+    digits: str = "7,8"            # mnist-pair: digit of group 0, digit of group 1
+    cond_attr: str = "Smiling"     # celeba: the class label c
+    cell_ratio: str = ""           # celeba: cond x group cell shares, e.g. "1,4,4,1" (overrides bias)
+    download: bool = False         # let torchvision download MNIST / CelebA (needs a network)
+    seed: int = 0
+
+
+@dataclass
+class Split:
+    images: torch.Tensor           # uint8 [N, 3, H, W]
+    group: torch.Tensor            # int64 [N]
+    label: torch.Tensor            # int64 [N]
+    group_names: list
+    num_classes: int
+
+    def __len__(self):
+        return len(self.images)
+
+    def subset(self, idx):
+        return Split(self.images[idx], self.group[idx], self.label[idx], self.group_names, self.num_classes)
+
+
+def data_root(cfg: DataConfig) -> Path:
+    return Path(cfg.data_root or os.environ.get("FAIRDIFF_DATA") or "data")
+
+
+def check_config(cfg: DataConfig):
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if not 0.0 <= cfg.bias <= 1.0:
+        raise ValueError(f"--bias {cfg.bias} is outside [0, 1] (it is the share of group 0)")
+    if cfg.n_train < 0:
+        raise ValueError(f"--n-train {cfg.n_train} must be >= 0 (0 = as many as the bias allows)")
+    for name in cfg.colors.split(","):
+        if name not in COLORS:
+            raise ValueError(f"unknown color {name!r}; choose from {', '.join(COLORS)}")
+
+
+def load(cfg: DataConfig, split: str) -> Split:
+    """split: 'train' (biased, what generators learn from), 'test' (balanced, held out), and for
+    celeba also 'val' (balanced; the evaluation classifier trains on it)."""
+    check_config(cfg)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"unknown split {split!r}; choose train, val or test")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.dataset == "celeba":
+        return _celeba(cfg, split, gen)
+    images, digits = _mnist(cfg, train=split == "train")
+    if cfg.dataset == "cmnist":
+        return _cmnist(cfg, split, images, digits, gen)
+    return _mnist_pair(cfg, split, images, digits, gen)
+
+
+# ---------------------------------------------------------------------------------------- sampling
+def biased_indices(group: torch.Tensor, shares, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Pick n indices so that group k makes up shares[k] of them (at random within each group).
+    n = 0 takes the largest n every group can fill. Raises if a group is too small."""
+    shares = torch.tensor(shares, dtype=torch.float64)
+    shares = shares / shares.sum()
+    avail = torch.bincount(group, minlength=len(shares)).double()
+    if n == 0:
+        n = int(min(avail[k] / s for k, s in enumerate(shares) if s > 0))
+    counts = (shares * n).round().long()
+    counts[-1] = n - counts[:-1].sum()
+    picked = []
+    for k, c in enumerate(counts.tolist()):
+        members = (group == k).nonzero().squeeze(1)
+        if c > len(members):
+            raise ValueError(f"group {k} has {len(members)} images but {c} are needed for "
+                             f"{n} images at shares {shares.tolist()}; lower --n-train")
+        picked.append(members[torch.randperm(len(members), generator=gen)[:c]])
+    idx = torch.cat(picked)
+    return idx[torch.randperm(len(idx), generator=gen)]
+
+
+# ------------------------------------------------------------------------------------------- MNIST
+def _mnist(cfg: DataConfig, train: bool):
+    root = data_root(cfg)
+    raw = root / "MNIST" / "raw"
+    have_raw = all((raw / f).exists() or (raw / f"{f}.gz").exists() for f in MNIST_FILES)
+    if not (have_raw or cfg.download):
+        raise FileNotFoundError(
+            f"MNIST not found under data root {root.resolve()}: expected {raw}/ with "
+            f"{', '.join(f + '[.gz]' for f in MNIST_FILES)}; pass --download (needs a network) or "
+            f"point --data-root / FAIRDIFF_DATA at a folder that has them")
+    # torchvision verifies and unpacks the official .gz files offline when only they are present
+    need_unpack = not all((raw / f).exists() for f in MNIST_FILES)
+    ds = torchvision.datasets.MNIST(root, train=train, download=cfg.download or need_unpack)
+    images = F.pad(ds.data, (MNIST_PAD,) * 4)                      # [N, 32, 32] uint8
+    return images, ds.targets.long()
+
+
+def _cmnist(cfg, split, gray, digits, gen):
+    """Paint each digit in its group's color: pixel = intensity/255 * color."""
+    n_groups = len(cfg.colors.split(","))
+    if split == "train":
+        shares = [cfg.bias, 1 - cfg.bias] if n_groups == 2 else [1.0 / n_groups] * n_groups
+    else:
+        shares = [1.0 / n_groups] * n_groups                    # balanced held-out split
+    n = cfg.n_train if split == "train" else 0
+    n = n or len(gray)
+    # Colors go to a random permutation, so digits keep their natural distribution per group.
+    order = torch.randperm(len(gray), generator=gen)[:n]
+    counts = (torch.tensor(shares, dtype=torch.float64) * n).round().long()
+    counts[-1] = n - counts[:-1].sum()
+    group = torch.repeat_interleave(torch.arange(n_groups), counts)  # [n]
+    names = cfg.colors.split(",")
+    palette = torch.tensor([COLORS[c] for c in names], dtype=torch.float32)  # [K, 3]
+    intensity = gray[order].float().unsqueeze(1) / 255                      # [n, 1, 32, 32]
+    images = (intensity * palette[group][:, :, None, None]).round().to(torch.uint8)  # [n, 3, 32, 32]
+    shuffle = torch.randperm(n, generator=gen)
+    return Split(images[shuffle], group[shuffle], digits[order][shuffle], names, 10)
+
+
+def _mnist_pair(cfg, split, gray, digits, gen):
+    pair = [int(d) for d in cfg.digits.split(",")]
+    if len(pair) != 2 or len(set(pair)) != 2 or not all(0 <= d <= 9 for d in pair):
+        raise ValueError(f"--digits {cfg.digits!r} must name two different digits, e.g. 7,8")
+    keep = (digits == pair[0]) | (digits == pair[1])
+    gray, group = gray[keep], (digits[keep] == pair[1]).long()
+    shares = [cfg.bias, 1 - cfg.bias] if split == "train" else [0.5, 0.5]
+    idx = biased_indices(group, shares, cfg.n_train if split == "train" else 0, gen)
+    images = gray[idx].unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # [n, 3, 32, 32] gray RGB
+    return Split(images, group[idx], group[idx], [str(d) for d in pair], 2)
+
+
+# ------------------------------------------------------------------------------------------ CelebA
+def read_celeba_table(path: Path):
+    """list_attr_celeba.txt -> (ids, attribute names, int8 [N, 40] of ±1)."""
+    lines = path.read_text().splitlines()
+    names = lines[1].split()
+    rows = [line.split() for line in lines[2:] if line.strip()]
+    values = torch.tensor([[int(v) for v in r[1:]] for r in rows], dtype=torch.int8)
+    return [r[0] for r in rows], names, values
+
+
+def celeba_images(root: Path, ids) -> torch.Tensor:
+    """Decode (center-crop 140, resize 64) every id once; cached as uint8 [N, 3, 64, 64]."""
+    folder = root / "celeba" / "img_align_celeba"
+    cache = CACHE_DIR / f"celeba_{CELEBA_SIZE}px_{len(ids)}_{ids[0]}_{ids[-1]}.pt"
+    if cache.exists():
+        return torch.load(cache, weights_only=True)
+    from tqdm import tqdm
+    out = torch.empty(len(ids), 3, CELEBA_SIZE, CELEBA_SIZE, dtype=torch.uint8)
+    for i, name in enumerate(tqdm(ids, desc="decoding CelebA once", leave=False)):
+        img = decode_image(str(folder / name), mode=torchvision.io.ImageReadMode.RGB)
+        if img.shape[-1] != CELEBA_SIZE:             # a compact 64-px copy needs no crop
+            img = resize(center_crop(img, [CELEBA_CROP]), [CELEBA_SIZE], antialias=True)
+        out[i] = img
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, cache.with_suffix(".tmp"))
+    os.replace(cache.with_suffix(".tmp"), cache)
+    return out
+
+
+def _celeba(cfg, split, gen):
+    root = data_root(cfg)
+    base = root / "celeba"
+    missing = [f for f in CELEBA_FILES if not (base / f).exists()]
+    if missing and cfg.download:
+        torchvision.datasets.CelebA(root, split="all", download=True)
+        missing = []
+    if missing:
+        raise FileNotFoundError(
+            f"CelebA not found under data root {root.resolve()}: expected {base}/ with "
+            f"{', '.join(CELEBA_FILES)} (torchvision's layout); missing {', '.join(missing)}; "
+            f"pass --download (needs a network) or point --data-root / FAIRDIFF_DATA at it")
+    ids, names, attrs = read_celeba_table(base / "list_attr_celeba.txt")
+    if cfg.cond_attr not in names:
+        raise ValueError(f"--cond-attr {cfg.cond_attr!r} is not a CelebA attribute; one of {', '.join(names)}")
+    part = dict(line.split() for line in (base / "list_eval_partition.txt").read_text().splitlines() if line.strip())
+    present = [i for i, name in enumerate(ids) if (base / "img_align_celeba" / name).exists()]
+    if not present:
+        raise FileNotFoundError(f"no images of list_attr_celeba.txt found in {base / 'img_align_celeba'}")
+    ids = [ids[i] for i in present]
+    attrs = attrs[present]
+    group = (attrs[:, names.index("Male")] < 0).long()            # 0 = male, 1 = female
+    label = (attrs[:, names.index(cfg.cond_attr)] > 0).long()     # 1 = has cond_attr
+    partition = torch.tensor([int(part[name]) for name in ids])
+    wanted = {"train": 0, "val": 1, "test": 2}[split]
+    pool = (partition == wanted).nonzero().squeeze(1)
+    if split == "train" and cfg.cell_ratio:
+        ratios = [float(r) for r in cfg.cell_ratio.split(",")]
+        if len(ratios) != 4 or min(ratios) < 0:
+            raise ValueError(f"--cell-ratio {cfg.cell_ratio!r} needs four shares >= 0 for "
+                             "(cond,male):(cond,female):(not cond,male):(not cond,female)")
+        cell = (1 - label[pool]) * 2 + group[pool]                # 0..3 in the order above
+        idx = pool[biased_indices(cell, ratios, cfg.n_train or 0, gen)]
+    elif split == "train":
+        idx = pool[biased_indices(group[pool], [cfg.bias, 1 - cfg.bias], cfg.n_train or 7000, gen)]
+    else:  # balanced in the group, and, for InvDiff's cells, in the cond attribute too
+        cell = (1 - label[pool]) * 2 + group[pool] if cfg.cell_ratio else group[pool]
+        idx = pool[biased_indices(cell, [1.0] * (4 if cfg.cell_ratio else 2), 0, gen)]
+    images = celeba_images(root, ids)[idx]
+    return Split(images, group[idx], label[idx], ["male", "female"], 2)
+
+
+def export_celeba64(cfg: DataConfig, out: Path):
+    """Write a compact copy (64x64 JPEGs + the two lists) that carries to a GPU machine."""
+    root = data_root(cfg)
+    ids, _, _ = read_celeba_table(root / "celeba" / "list_attr_celeba.txt")
+    images = celeba_images(root, ids)
+    (out / "celeba" / "img_align_celeba").mkdir(parents=True, exist_ok=True)
+    for name, img in zip(ids, images):
+        write_file(str(out / "celeba" / "img_align_celeba" / name), encode_jpeg(img, quality=90))
+    for f in CELEBA_FILES[1:]:
+        (out / "celeba" / f).write_bytes((root / "celeba" / f).read_bytes())
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="inspect a dataset, or export CelebA at 64 px")
+    p.add_argument("--dataset", default="cmnist")
+    p.add_argument("--data-root", default="")
+    p.add_argument("--bias", type=float, default=0.8)
+    p.add_argument("--export-celeba64", default="", help="folder to write a 64-px CelebA copy to")
+    a = p.parse_args()
+    cfg = DataConfig(dataset=a.dataset, data_root=a.data_root, bias=a.bias)
+    if a.export_celeba64:
+        export_celeba64(cfg, Path(a.export_celeba64))
+    else:
+        for s in ("train", "test"):
+            d = load(cfg, s)
+            share = torch.bincount(d.group, minlength=len(d.group_names)).float() / len(d)
+            print(f"{s}: {len(d)} images {tuple(d.images.shape[1:])}, group shares "
+                  + ", ".join(f"{n} {v:.3f}" for n, v in zip(d.group_names, share.tolist())))
