@@ -1,0 +1,358 @@
+"""Denoising diffusion in the autoencoder's latent space: schedules, DDPM/DDIM, loss and sampler.
+
+Forward process (Ho et al. 2020), with ᾱ_t = Π_{s≤t} (1 − β_s) = `alphas_cumprod[t]`, t ∈ [0, T−1]:
+    q(z_t | z_0) = N(√ᾱ_t z_0, (1 − ᾱ_t) I)        ->  add_noise(z0, ε, t) = √ᾱ_t z0 + √(1−ᾱ_t) ε
+Training (LDM, Rombach et al. 2022), on latents z_0 = scale · E(x):
+    L = E_{t, ε, c} ‖ ε − ε_θ(z_t, t, c) ‖²      (c → ∅ with probability p_uncond; or the v target
+                                                   v = √ᾱ_t ε − √(1−ᾱ_t) z_0, Salimans & Ho 2022)
+DDPM step (posterior of Ho et al. eq. 7, between consecutive entries t > t' of `timesteps`):
+    ẑ_0 = (z_t − √(1−ᾱ_t) ε̂) / √ᾱ_t,   β' = 1 − ᾱ_t / ᾱ_t'
+    μ = √ᾱ_t' β' / (1−ᾱ_t) · ẑ_0 + √(1−β') (1−ᾱ_t') / (1−ᾱ_t) · z_t,   σ² = (1−ᾱ_t')/(1−ᾱ_t) · β'
+DDIM step (Song et al. 2021, eq. 12), ᾱ at t' = −1 taken as 1:
+    σ = η √((1−ᾱ_t')/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_t'),   z_t' = √ᾱ_t' ẑ_0 + √(1−ᾱ_t'−σ²) ε̂ + σ·noise
+
+Names follow diffusers (`add_noise`, `set_timesteps`, `step`, `betas`, `alphas_cumprod`,
+`timesteps`) so knowledge maps both ways. Two differences from diffusers' defaults, both deliberate:
+`timestep_spacing="trailing"` (sampling starts at t = T−1; diffusers defaults to "leading", which
+never visits the noisiest step), and the previous timestep is read from the `timesteps` list,
+never recomputed from a stride formula.
+
+`python ddpm.py --dataset cmnist` trains the class-conditional base model on the biased training
+set (reusing or training the autoencoder first) and writes samples.png (one row per class),
+samples_uncond.png, loss.png and the EMA weights.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+import torch
+import torch.nn.functional as F
+from torchvision.utils import save_image
+
+import data
+import vae as vae_lib
+from train import (ConfigError, TrainConfig, config_hash, distributed, load_checkpoint, local_batch,
+                   main_guard, parse_config, train, explicit_flags)
+from unet import UNet, count_parameters
+
+matplotlib.use("Agg")
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+# -------------------------------------------------------------------------------------- schedules
+def make_betas(schedule: str, T: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    if schedule == "linear":                     # Ho et al. 2020
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if schedule == "scaled_linear":              # LDM / Stable Diffusion: linear in √β
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+    if schedule == "cosine":                     # Nichol & Dhariwal 2021: ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2)
+        s = 0.008
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ConfigError(f"unknown beta schedule {schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+
+
+class DDPMScheduler:
+    def __init__(self, num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                 beta_end=0.012, prediction_type="epsilon"):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(f"unknown prediction type {prediction_type!r}; choose {' or '.join(PREDICTION_TYPES)}")
+        self.num_train_timesteps = num_train_timesteps
+        self.prediction_type = prediction_type
+        self.betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)            # float64 [T]
+        self.set_timesteps(num_train_timesteps)
+
+    def set_timesteps(self, num_inference_steps: int):
+        """Trailing spacing: T−1, …, down to about T/n − 1; e.g. T=1000, n=4 -> [999, 749, 499, 249]."""
+        T = self.num_train_timesteps
+        if not 1 <= num_inference_steps <= T:
+            raise ConfigError(f"{num_inference_steps} sampling steps; choose 1..{T}")
+        self.timesteps = (torch.arange(T, 0, -T / num_inference_steps).round().long() - 1)
+        self.prev_timesteps = torch.cat([self.timesteps[1:], torch.tensor([-1])])
+        self._position = {int(t): i for i, t in enumerate(self.timesteps)}
+
+    def _alpha_bar(self, t: int) -> float:
+        return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+
+    def _gather(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """alphas_cumprod[t] for a batch of t, shaped to broadcast against x."""
+        return self.alphas_cumprod.to(x.device)[t].float().view(-1, *[1] * (x.dim() - 1))
+
+    def add_noise(self, x0, noise, t):
+        a = self._gather(t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def get_velocity(self, x0, noise, t):
+        a = self._gather(t, x0)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def target(self, x0, noise, t):
+        return noise if self.prediction_type == "epsilon" else self.get_velocity(x0, noise, t)
+
+    def split_output(self, model_output, t, sample):
+        """Model output -> (ẑ_0, ε̂) at timestep(s) t."""
+        a = self._gather(t, sample) if torch.is_tensor(t) else torch.tensor(self._alpha_bar(t))
+        if self.prediction_type == "epsilon":
+            eps = model_output
+            x0 = (sample - (1 - a).sqrt() * eps) / a.sqrt()
+        else:
+            x0 = a.sqrt() * sample - (1 - a).sqrt() * model_output
+            eps = a.sqrt() * model_output + (1 - a).sqrt() * sample
+        return x0, eps
+
+    def previous(self, t: int) -> int:
+        return int(self.prev_timesteps[self._position[int(t)]])
+
+    def posterior(self, x0, sample, t: int, prev_t: int):
+        """Mean and variance of q(z_t' | z_t, z_0)."""
+        a_t, a_prev = self._alpha_bar(t), self._alpha_bar(prev_t)
+        beta = 1 - a_t / a_prev
+        mean = (a_prev ** 0.5 * beta / (1 - a_t)) * x0 + ((1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)) * sample
+        return mean, (1 - a_prev) / (1 - a_t) * beta
+
+    def step(self, model_output, t: int, sample, generator=None):
+        prev_t = self.previous(t)
+        x0, _ = self.split_output(model_output, t, sample)
+        mean, var = self.posterior(x0, sample, t, prev_t)
+        if prev_t < 0:
+            return mean
+        noise = torch.randn(sample.shape, generator=generator, device=sample.device)
+        return mean + var ** 0.5 * noise
+
+
+class DDIMScheduler(DDPMScheduler):
+    def __init__(self, *args, eta: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eta = eta
+
+    def step(self, model_output, t: int, sample, generator=None):
+        # 1. the previous timestep, from the list
+        prev_t = self.previous(t)
+        a_t, a_prev = self._alpha_bar(t), self._alpha_bar(prev_t)
+        # 2. predicted z_0 and ε (eq. 12's "predicted x_0")
+        x0, eps = self.split_output(model_output, t, sample)
+        # 3. σ_t(η) (eq. 16)
+        sigma = self.eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
+        # 4. z_t' = √ᾱ_t' ẑ_0 + "direction pointing to z_t" + σ noise (eq. 12)
+        prev = a_prev ** 0.5 * x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
+        if sigma > 0:
+            prev = prev + sigma * torch.randn(sample.shape, generator=generator, device=sample.device)
+        return prev
+
+
+# ---------------------------------------------------------------------------- loss and sampling
+def noisy_batch(scheduler, z0, generator):
+    """Draw t ~ U{0..T−1} and ε ~ N(0, I); return (z_t, t, ε)."""
+    t = torch.randint(0, scheduler.num_train_timesteps, (z0.shape[0],), generator=generator, device=z0.device)
+    noise = torch.randn(z0.shape, generator=generator, device=z0.device)
+    return scheduler.add_noise(z0, noise, t), t, noise
+
+
+def drop_labels(label, num_classes: int, p_uncond: float, generator):
+    """Replace each label by the null class ∅ = num_classes with probability p_uncond."""
+    drop = torch.rand(label.shape, generator=generator, device=label.device) < p_uncond
+    return torch.where(drop, torch.full_like(label, num_classes), label)
+
+
+def diffusion_loss(model, scheduler, z0, cond, generator):
+    """‖target − model(z_t, t, c)‖² averaged over the batch (LDM's simple loss)."""
+    z_t, t, noise = noisy_batch(scheduler, z0, generator)
+    return F.mse_loss(model(z_t, t, cond).float(), scheduler.target(z0, noise, t))
+
+
+@torch.inference_mode()
+def sample_latents(model, scheduler, n, shape, *, cond=None, guidance_scale=1.0, generator=None,
+                   device="cpu", batch_size=1000, null_class=None):
+    """z_T ~ N(0, I) -> scheduler.step ... -> z_0, for n latents of `shape` [c, h, w].
+
+    model(z, t, cond) -> output; cond [n] int or None (∅). With guidance_scale s ≠ 1 and a cond,
+    classifier-free guidance: out = out(∅) + s · (out(c) − out(∅)), both passes in one batch."""
+    out = []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        z = torch.randn((b, *shape), generator=generator, device=device)
+        c = None if cond is None else cond[start:start + b].to(device)
+        guided = c is not None and guidance_scale != 1.0
+        if guided:
+            c = torch.cat([c, torch.full_like(c, null_class)])
+        for t in scheduler.timesteps.tolist():
+            z_in = torch.cat([z, z]) if guided else z
+            t_in = torch.full((z_in.shape[0],), t, device=device, dtype=torch.long)
+            with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
+                output = model(z_in, t_in, c).float()
+            if guided:
+                cond_out, null_out = output.chunk(2)
+                output = null_out + guidance_scale * (cond_out - null_out)
+            z = scheduler.step(output, t, z, generator=generator)
+        out.append(z)
+    return torch.cat(out)
+
+
+# -------------------------------------------------------------------------------- the base model
+@dataclass
+class DiffusionConfig(data.DataConfig, TrainConfig):
+    channels: str = "128,256"          # UNet width per level (attention at the last one)
+    num_res_blocks: int = 2
+    norm_groups: int = 32
+    dropout: float = 0.0
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "epsilon"
+    p_uncond: float = 0.1              # label dropout -> null class, for CFG and unconditional use
+    sample_steps: int = 50             # DDIM steps for grids and evaluation
+    guidance_scale: float = 2.0        # CFG scale of per-class grids
+    vae: str = ""                      # the autoencoder's run dir name (filled in by code)
+    preset: str = ""                   # the preset it was built from (filled in by code)
+
+
+PRESETS = {
+    "tiny": dict(channels="16,32", num_res_blocks=1, norm_groups=8, steps=300, batch_size=64,
+                 lr=1e-3, n_train=2000, warmup=20, ckpt_every=300, sample_steps=10),
+    "small": dict(channels="128,256", steps=8000, batch_size=256, lr=3e-4, ckpt_every=2000),
+    "full": dict(channels="192,384,384", steps=40000, batch_size=256, lr=2e-4, ckpt_every=5000),
+}
+CELEBA_CHANNELS = {"small": "128,256,256", "full": "192,384,384"}   # 16x16 latents get one more level
+
+
+def build_unet(cfg: DiffusionConfig, num_classes: int, latent_channels=4) -> UNet:
+    return UNet(latent_channels, [int(c) for c in cfg.channels.split(",")], cfg.num_res_blocks,
+                num_classes, cfg.norm_groups, cfg.dropout)
+
+
+def build_scheduler(cfg: DiffusionConfig, sampler="ddim", eta=0.0) -> DDPMScheduler:
+    kw = dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+              beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type=cfg.prediction_type)
+    if sampler == "ddim":
+        return DDIMScheduler(**kw, eta=eta)
+    if sampler == "ddpm":
+        return DDPMScheduler(**kw)
+    raise ConfigError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
+
+
+def data_config(cfg) -> data.DataConfig:
+    return data.DataConfig(**{k: getattr(cfg, k) for k in data.DataConfig.__dataclass_fields__})
+
+
+class Pipeline:
+    """Autoencoder + denoiser + schedule: everything needed to turn noise into images."""
+
+    def __init__(self, cfg: DiffusionConfig, vae, unet, preset="small", device="cpu"):
+        self.cfg, self.vae, self.unet, self.preset, self.device = cfg, vae, unet, preset, device
+        self.data_cfg = data_config(cfg)
+        size = data.CELEBA_SIZE if cfg.dataset == "celeba" else 32
+        with torch.no_grad():                                   # [c, h, w] of this autoencoder
+            self.latent_shape = tuple(vae.encode(torch.zeros(1, 3, size, size, device=device)).mean.shape[1:])
+        unet.eval()
+
+    def sample_latents(self, n, cond=None, seed=0, steps=None, sampler="ddim", eta=0.0,
+                       guidance_scale=1.0, model=None, batch_size=1000):
+        scheduler = build_scheduler(self.cfg, sampler, eta)
+        scheduler.set_timesteps(steps or (self.cfg.sample_steps if sampler == "ddim" else self.cfg.num_train_timesteps))
+        gen = torch.Generator(self.device).manual_seed(seed)
+        return sample_latents(model or self.unet, scheduler, n, self.latent_shape, cond=cond,
+                              guidance_scale=guidance_scale, generator=gen, device=self.device,
+                              batch_size=batch_size, null_class=self.unet.num_classes)
+
+    @torch.inference_mode()
+    def decode(self, z0, batch_size=1000):
+        return torch.cat([self.vae.decode_latents(z0[i:i + batch_size]) for i in range(0, len(z0), batch_size)])
+
+    def sample(self, n, cond=None, seed=0, **kw):
+        """n images, uint8 [n, 3, H, W]; cond None = unconditional (∅), or int64 [n] classes."""
+        return self.decode(self.sample_latents(n, cond, seed, **kw))
+
+
+def grids(pipe: Pipeline, out: Path, num_classes: int, seed=0):
+    """samples.png: one row of 10 per class (CFG); samples_uncond.png: 10x10 unconditional."""
+    cond = torch.arange(num_classes).repeat_interleave(10)
+    x = pipe.sample(len(cond), cond, seed, guidance_scale=pipe.cfg.guidance_scale)
+    save_image(x.float() / 255, out / "samples.png", nrow=10)
+    save_image(pipe.sample(100, None, seed).float() / 255, out / "samples_uncond.png", nrow=10)
+
+
+def plot_loss(out: Path):
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=out.name)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+def base_config(data_cfg: data.DataConfig, preset: str, **overrides) -> DiffusionConfig:
+    fields = {**asdict(data_cfg), **PRESETS[preset]}
+    if data_cfg.dataset == "celeba" and preset in CELEBA_CHANNELS:
+        fields["channels"] = CELEBA_CHANNELS[preset]
+    fields.update(overrides, preset=preset)
+    return DiffusionConfig(**{k: v for k, v in fields.items() if k in DiffusionConfig.__dataclass_fields__})
+
+
+def ensure_base(cfg: DiffusionConfig, preset: str, runs: str, device: str, fresh=False) -> Pipeline:
+    """Find the base model by its config hash (training the autoencoder and it when missing)."""
+    data_cfg = data_config(cfg)
+    vae, vae_dir = vae_lib.ensure_vae(data_cfg, preset, runs, device, fresh)
+    cfg.vae = vae_dir.name
+    out = Path(runs) / cfg.dataset / f"base-{config_hash(cfg)}"
+    if fresh and (out / "ckpt.pt").exists():
+        (out / "ckpt.pt").unlink()
+    latents = vae_lib.encode_dataset(vae, vae_dir, data_cfg, device)
+    z0, label, K = latents["z0"], latents["label"], latents["num_classes"]   # [N, 4, h, w], [N]
+    unet = build_unet(cfg, K, z0.shape[1]).to(device)
+    scheduler = build_scheduler(cfg, "ddpm")
+    pipe = Pipeline(cfg, vae, unet, preset, device)
+    rank, world = distributed()
+    shard = torch.arange(rank, len(z0), world, device=device)                # this rank's share
+    if rank == 0:
+        print(f"base model: {count_parameters(unet) / 1e6:.2f}M parameters, latents {tuple(z0.shape)}")
+
+    def loss_fn(net, step, gen):
+        idx = shard[torch.randint(len(shard), (local_batch(cfg.batch_size),), generator=gen, device=device)]
+        cond = drop_labels(label[idx], K, cfg.p_uncond, gen)
+        return diffusion_loss(net, scheduler, z0[idx], cond, gen)
+
+    def on_checkpoint(model, run):
+        grids(pipe, run, K)
+
+    stats = train(unet, loss_fn, cfg, out, sample_fn=on_checkpoint, device=device, desc="base")
+    if rank == 0 and stats["img_per_s"] == stats["img_per_s"]:   # trained now (not NaN): record it
+        plot_loss(out)
+        print(f"base: {stats['step']} steps, loss {stats['loss']:.4f}, {stats['seconds']:.0f}s, "
+              f"{stats['img_per_s']:.0f} img/s -> {out}")
+    pipe.run_dir = out
+    unet.eval()
+    return pipe
+
+
+def load_pipeline(run_dir, device="cpu") -> Pipeline:
+    """A trained base model (any run dir written by ddpm.py) with its autoencoder."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "ckpt.pt").exists():
+        raise FileNotFoundError(f"no checkpoint in {run_dir}; train one with python ddpm.py --dataset ...")
+    state = load_checkpoint(run_dir / "ckpt.pt", map_location=device)
+    cfg = DiffusionConfig(**{k: v for k, v in state["config"].items() if k in DiffusionConfig.__dataclass_fields__})
+    vae = vae_lib.load_vae(run_dir.parent / cfg.vae, device)
+    K = state["ema_model"]["class_emb.weight"].shape[0] - 1
+    unet = build_unet(cfg, K, vae.decoder[0].in_channels).to(device)
+    unet.load_state_dict(state["ema_model"])
+    pipe = Pipeline(cfg, vae, unet, cfg.preset, device)
+    pipe.run_dir = run_dir
+    return pipe
+
+
+def main():
+    cfg, args = parse_config(DiffusionConfig, {}, description="train the base latent diffusion model")
+    cfg = base_config(data_config(cfg), args.preset, **explicit_flags(DiffusionConfig, args))
+    pipe = ensure_base(cfg, args.preset, args.runs, args.device, args.fresh)
+    print(f"samples: {pipe.run_dir / 'samples.png'} (one row per class), {pipe.run_dir / 'samples_uncond.png'}")
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,532 @@
+"""Evaluation: which group a generated image belongs to, how fair and how good a set of samples is.
+
+Readers (classifiers trained once on real data, cached in `runs/<dataset>/eval/`):
+
+    cmnist      group = the color of the foreground pixels (nearest palette color), read from pixels;
+                class = digit from a small CNN trained on real MNIST, applied to gray = max over RGB
+    mnist-pair  group = the digit CNN's prediction mapped to its group (-1: neither of the two digits)
+    celeba      group = a gender CNN (0 male, 1 female), trained on the balanced `val` split;
+                class = a `cond_attr` CNN (e.g. Smiling), trained on `val` balanced for that attribute
+
+Fairness. p̂_k = n_k / Σ_j n_j, the share of samples in group k (samples with no group, -1, are left
+out of both counts), u = (1/K, …, 1/K):
+
+    FD_half_l1 = ½ Σ_k |p̂_k − 1/K|          (= |p̂_0 − 0.5| for K = 2; total variation to uniform)
+    FD_l2      = ‖p̂ − u‖₂                    (Choi et al. 2020)
+
+95% CIs by the percentile bootstrap: resample the N group labels with replacement B = 1000 times
+(seeded), recompute p̂ and FD, take the 2.5% and 97.5% quantiles.
+
+SPD (a model conditioned on the group a). success = the sample is classified as the requested group
+(for the MNIST datasets also as a confidently recognised digit, softmax ≥ 0.9; any digit for cmnist):
+
+    SPD = max_a P(success | cond = a) − min_a P(success | cond = a)   (= |P_a − P_b| for K = 2)
+
+Bias (InvDiff, class-conditional samples). For condition p with n_i samples in group i, N_p = Σ_i n_i:
+
+    Bias_p = Σ_{i<j} |n_i − n_j| / N_p / (K(K−1)/2),   reported as mean and std (ddof 0) over p
+
+FID-C. The Fréchet distance between Gaussians fitted to classifier features (float64):
+
+    FID-C = ‖μ₁ − μ₂‖² + tr(S₁ + S₂ − 2 (S₁^½ S₂ S₁^½)^½)
+
+on the penultimate layer of the evaluation CNN (digit CNN for MNIST, gender CNN for CelebA). The
+real side is the held-out test set reweighted to the arm's own group share p̂ (test image i of group
+g weighs p̂_g / n_g): FID-C then measures image quality and FD the group share, the two axes of
+tradeoff.png, and real training vs real test images gives FID-C's floor. (FID_C_vs_balanced in
+metrics.json compares with the balanced test set as it is, so it counts a wrong share as well.)
+For cmnist the digit CNN sees gray images, so the foreground's mean color (3 numbers) is appended,
+scaled to carry the same total variance on real test images as the CNN features: an off-palette
+hue costs FID-C. FID-C is not Inception-FID; never compare the two.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from data import COLORS, DataConfig, biased_indices, load
+
+FOREGROUND = 0.5         # a pixel whose brightest channel is ≥ this (of 1) belongs to the digit
+CONFIDENT = 0.9          # softmax probability for "a confidently recognised digit"
+N_BOOT = 1000            # bootstrap resamples
+MAX_REFERENCE = 10_000   # real images used for the reference features (per split)
+BATCH = 1000             # images per classifier forward pass
+EPOCHS = {"digit": 3, "celeba": 15}   # classifier training epochs (get_evaluator's epochs overrides)
+
+
+# ------------------------------------------------------------------------------------ classifiers
+class ConvNet(nn.Module):
+    """Three conv-BN-ReLU-maxpool blocks, a 128-d penultimate layer (the FID-C features), a head."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths=(16, 32, 64), dim: int = 128):
+        super().__init__()
+        layers, c = [], in_channels
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
+            c = w
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                                  nn.Linear(c * 16, dim), nn.ReLU())
+        self.head = nn.Linear(dim, num_classes)
+
+    def features(self, x):            # x: float in [0, 1], [B, C, H, W]
+        return self.body(x * 2 - 1)   # [B, 128]
+
+    def forward(self, x):
+        return self.head(self.features(x))  # [B, num_classes]
+
+
+def train_classifier(net, images, targets, *, epochs, device, seed=0, flip=False, desc="classifier"):
+    """Adam + one-cycle schedule, batch 256, seeded order; images uint8 [N, C, H, W] on the CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    net.to(device).train()
+    batch = min(256, len(images))
+    per_epoch = len(images) // batch
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * per_epoch)
+    bar = tqdm(total=epochs * per_epoch, desc=f"training {desc}", leave=False)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(images), generator=gen)[:per_epoch * batch].split(batch):
+            x = images[idx].to(device).float() / 255                   # [B, C, H, W]
+            if flip:  # mirror half the faces: a free augmentation for a small training set
+                mirror = (torch.rand(len(x), generator=gen) < 0.5).to(device)
+                x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+            loss = F.cross_entropy(net(x), targets[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    return net.eval()
+
+
+@torch.inference_mode()
+def predict(net, images, device):
+    """-> (probabilities float [N, classes], features float [N, 128]) on the CPU, in batches."""
+    probs, feats = [], []
+    for x in images.split(BATCH):
+        f = net.features(x.to(device).float() / 255)
+        probs.append(net.head(f).softmax(1).cpu())
+        feats.append(f.cpu())
+    return torch.cat(probs), torch.cat(feats)
+
+
+def cached_classifier(path: Path, in_channels, num_classes, train, test, *, epochs, device, flip=False, seed=0):
+    """Load `path`, or train a ConvNet (seeded) on train() = (uint8 images, targets), measure its
+    accuracy on test = (images, targets) and save {weights, accuracy} atomically. -> (net, accuracy)."""
+    with torch.random.fork_rng(devices=[]):      # seed the initial weights, leave the global RNG alone
+        torch.manual_seed(seed)
+        net = ConvNet(in_channels, num_classes)
+    if path.exists():
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+        net.load_state_dict(ckpt["state_dict"])
+        return net.to(device).eval(), ckpt["accuracy"]
+    images, targets = train()
+    train_classifier(net, images, targets, epochs=epochs, device=device, seed=seed, flip=flip, desc=path.stem)
+    accuracy = (predict(net, test[0], device)[0].argmax(1) == test[1]).double().mean().item()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": net.state_dict(), "accuracy": accuracy}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    return net, accuracy
+
+
+def palette(cfg: DataConfig) -> torch.Tensor:
+    return torch.tensor([COLORS[c] for c in cfg.colors.split(",")], dtype=torch.float32) / 255  # [K, 3]
+
+
+def foreground_color(images) -> torch.Tensor:
+    """Mean over foreground pixels of RGB / max(RGB): exactly the palette color for real cmnist.
+    images uint8 [N, 3, H, W] -> float [N, 3] (zeros when an image has no foreground pixel)."""
+    x = images.float() / 255                                           # [N, 3, H, W]
+    value = x.amax(1, keepdim=True)                                    # [N, 1, H, W]
+    fg = (value >= FOREGROUND).float()
+    chroma = x / value.clamp_min(1e-6)                                 # each pixel scaled to max 1
+    return (chroma * fg).sum((2, 3)) / fg.sum((2, 3)).clamp_min(1)     # [N, 3]
+
+
+class Evaluator:
+    """Reads group, class and features of uint8 images [N, 3, H, W] (any device) for one dataset."""
+
+    def __init__(self, data_cfg: DataConfig, nets: dict, accuracies: dict, device="cpu", color_scale=1.0):
+        self.cfg, self.nets, self.accuracies = data_cfg, nets, accuracies
+        self.device, self.color_scale = device, color_scale
+        self.num_groups = len(data_cfg.colors.split(",")) if data_cfg.dataset == "cmnist" else 2
+        if self.num_groups < 2:
+            raise ValueError(f"--colors {data_cfg.colors!r} names one group; fairness needs at least two")
+        self.memo = {}  # real-data features, filled by real_features()
+
+    def _check(self, images):
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        return images.cpu()
+
+    def _digits(self, images):           # the digit CNN on gray = max over RGB
+        return predict(self.nets["digit"], images.amax(1, keepdim=True), self.device)
+
+    def groups(self, images) -> torch.Tensor:
+        """int64 [N]: group index, -1 = no group (cmnist: no foreground; mnist-pair: another digit)."""
+        images = self._check(images)
+        if self.cfg.dataset == "cmnist":
+            color = foreground_color(images)                                  # [N, 3]
+            group = torch.cdist(color, palette(self.cfg)).argmin(1)           # nearest palette color
+            return torch.where(color.amax(1) > 0, group, -1)
+        if self.cfg.dataset == "mnist-pair":
+            return self.classes(images)[0]
+        return predict(self.nets["gender"], images, self.device)[0].argmax(1)
+
+    def classes(self, images):
+        """(pred int64 [N], confidence float [N]): the digit (cmnist), the group (mnist-pair; -1 for
+        another digit) or cond_attr present (celeba)."""
+        images = self._check(images)
+        probs = self._digits(images)[0] if self.cfg.dataset != "celeba" else \
+            predict(self.nets["attr"], images, self.device)[0]                # [N, classes]
+        confidence, pred = probs.max(1)
+        if self.cfg.dataset == "mnist-pair":
+            to_group = torch.full((10,), -1)
+            to_group[[int(d) for d in self.cfg.digits.split(",")]] = torch.tensor([0, 1])
+            pred = to_group[pred]
+        return pred, confidence
+
+    def features(self, images) -> torch.Tensor:
+        """float [N, D]: the CNN's penultimate layer (+ scaled foreground color for cmnist)."""
+        images = self._check(images)
+        if self.cfg.dataset == "celeba":
+            return predict(self.nets["gender"], images, self.device)[1]       # [N, 128]
+        feats = self._digits(images)[1]                                       # [N, 128]
+        if self.cfg.dataset == "cmnist":
+            feats = torch.cat([feats, self.color_scale * foreground_color(images)], 1)  # [N, 131]
+        return feats
+
+    def real_features(self, cfg: DataConfig, split: str):
+        """(features [M, D], true group [M]) of up to MAX_REFERENCE real images (seeded subset), cached."""
+        key = (split, *vars(cfg).values())
+        if key not in self.memo:
+            real = load(cfg, split)
+            pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:MAX_REFERENCE]
+            self.memo[key] = self.features(real.images[pick]), real.group[pick]
+        return self.memo[key]
+
+
+def gray_digits(split):
+    """-> (uint8 [N, 1, 32, 32] = max over RGB, digit [N]): what the digit CNN sees."""
+    return split.images.amax(1, keepdim=True), split.label
+
+
+def get_evaluator(data_cfg: DataConfig, runs_dir="runs", device=None, epochs=None) -> Evaluator:
+    """Train (once, cached under runs_dir/<dataset>/eval/) or load the dataset's classifiers.
+    epochs: None = the defaults in EPOCHS; fewer for a quick, less accurate "tiny" evaluator."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    folder = Path(runs_dir) / data_cfg.dataset / "eval"
+    if data_cfg.dataset == "celeba":
+        val, test = load(data_cfg, "val"), load(data_cfg, "test")
+        n_epochs = epochs or EPOCHS["celeba"]
+        nets, accuracies = {}, {}
+        for key, name, target in (("gender", "gender", "group"), ("attr", data_cfg.cond_attr, "label")):
+            # each classifier trains on val balanced in its own target (val is balanced in gender only)
+            keep = biased_indices(getattr(val, target), [1, 1], 0, torch.Generator().manual_seed(0))
+            nets[key], accuracies[name] = cached_classifier(
+                folder / f"{name}_e{n_epochs}.pt", 3, 2, lambda: (val.images[keep], getattr(val, target)[keep]),
+                (test.images, getattr(test, target)), epochs=n_epochs, device=device, flip=True)
+        return Evaluator(data_cfg, nets, accuracies, device)
+
+    # MNIST: every digit image, colored or not, reaches the CNN as gray = max over RGB
+    mnist = replace(DataConfig(), dataset="cmnist", data_root=data_cfg.data_root, download=data_cfg.download,
+                    bias=0.5, colors=data_cfg.colors if data_cfg.dataset == "cmnist" else "red,green")
+    test = load(mnist, "test")
+    n_epochs = epochs or EPOCHS["digit"]
+    net, digit_accuracy = cached_classifier(
+        folder / f"digit_e{n_epochs}.pt", 1, 10,
+        lambda: gray_digits(load(mnist, "train")), gray_digits(test), epochs=n_epochs, device=device)
+    evaluator = Evaluator(data_cfg, {"digit": net}, {"digit": digit_accuracy}, device)
+    if data_cfg.dataset == "cmnist":
+        evaluator.accuracies["color (from pixels)"] = (evaluator.groups(test.images) == test.group).float().mean().item()
+        # scale the 3 color numbers to the CNN features' total variance (on real test images)
+        cnn, color = evaluator._digits(test.images)[1], foreground_color(test.images)
+        evaluator.color_scale = math.sqrt(cnn.var(0).sum() / color.var(0).sum().clamp_min(1e-12))
+    return evaluator
+
+
+# ---------------------------------------------------------------------------------------- metrics
+def group_shares(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """groups int64 [N] (-1 = no group, left out) -> p̂ float64 [K]."""
+    counts = torch.bincount(groups[groups >= 0], minlength=num_groups).double()
+    return counts / counts.sum().clamp_min(1)
+
+
+def fd_half_l1(p: torch.Tensor) -> torch.Tensor:
+    """½ Σ_k |p̂_k − 1/K| over the last dim (= |p̂_0 − 0.5| for two groups)."""
+    return 0.5 * (p - 1 / p.shape[-1]).abs().sum(-1)
+
+
+def fd_l2(p: torch.Tensor) -> torch.Tensor:
+    """‖p̂ − u‖₂ over the last dim."""
+    return (p - 1 / p.shape[-1]).norm(dim=-1)
+
+
+def bootstrap(groups, num_groups, n_boot=N_BOOT, seed=0):
+    """Percentile-bootstrap 95% CIs -> {'p_hat': [K, 2], 'FD_half_l1': [2], 'FD_l2': [2]}."""
+    groups = groups[groups >= 0]
+    n, gen = len(groups), torch.Generator().manual_seed(seed)
+    resampled = groups[torch.randint(max(n, 1), (n_boot, n), generator=gen)]              # [B, N]
+    counts = torch.zeros(n_boot, num_groups, dtype=torch.float64)
+    counts.scatter_add_(1, resampled, torch.ones_like(resampled, dtype=torch.float64))     # [B, K]
+    p = counts / max(n, 1)                                                                 # [B, K]
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    return {"p_hat": p.quantile(q, dim=0).T, "FD_half_l1": fd_half_l1(p).quantile(q),
+            "FD_l2": fd_l2(p).quantile(q)}
+
+
+def spd(success) -> float:
+    """success: one bool tensor per requested group a -> max_a P(success | a) − min_a P(success | a)."""
+    rates = torch.stack([s.double().mean() for s in success])
+    return (rates.max() - rates.min()).item()
+
+
+def bias_score(counts: torch.Tensor) -> float:
+    """InvDiff's Bias_p = Σ_{i<j} |n_i − n_j| / N_p / (K(K−1)/2) for group counts n [K]."""
+    n = counts.double()
+    k = len(n)
+    pairs = (n[:, None] - n[None, :]).abs().triu(1).sum()
+    return (pairs / n.sum().clamp_min(1) / (k * (k - 1) / 2)).item()
+
+
+def moments(f: torch.Tensor, weights=None):
+    """Weighted mean [D] and unbiased covariance [D, D] of features f [N, D] in float64."""
+    f = f.double()
+    w = torch.full((len(f),), 1 / len(f), dtype=torch.float64) if weights is None else weights.double() / weights.sum()
+    mu = w @ f
+    x = f - mu
+    return mu, (x.T * w) @ x / (1 - w.square().sum())
+
+
+def share_weights(groups: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Weights that give group g the share p_g: p_g / n_g for every member of g."""
+    counts = torch.bincount(groups, minlength=len(p)).double()
+    return p.double()[groups] / counts[groups]
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor, weights2=None) -> float:
+    """FID between Gaussians fitted to features f1 [N1, D] and f2 [N2, D] (rows weighted by weights2)."""
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
+        raise ValueError(f"features must be [N ≥ 2, D] with the same D, got {tuple(f1.shape)} and {tuple(f2.shape)}")
+    return frechet_from_moments(*moments(f1), *moments(f2, weights2))
+
+
+def frechet_from_moments(mu1, s1, mu2, s2) -> float:
+    """‖μ₁ − μ₂‖² + tr S₁ + tr S₂ − 2 tr (S₁^½ S₂ S₁^½)^½. The middle matrix is symmetric PSD, so its
+    square root's trace is Σ √λ over its eigenvalues: two symmetric eigendecompositions, no sqrtm."""
+    lam, vec = torch.linalg.eigh(s1)
+    root1 = vec @ torch.diag(lam.clamp_min(0).sqrt()) @ vec.T                 # S₁^½
+    middle = root1 @ s2 @ root1
+    trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    return ((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * trace_root).item()
+
+
+# ------------------------------------------------------------------------------ reference & arms
+def reference(evaluator: Evaluator, data_cfg: DataConfig, n: int = 2000) -> dict:
+    """The training data's own group share and its FD; FID-C of n real training images vs the real
+    test images reweighted to the training share: the floor for an arm of n samples."""
+    train = load(data_cfg, "train")
+    p = group_shares(train.group, evaluator.num_groups)
+    train_features, _ = evaluator.real_features(data_cfg, "train")
+    test_features, test_groups = evaluator.real_features(data_cfg, "test")
+    floor = frechet_distance(train_features[:n], test_features, share_weights(test_groups, p))
+    return {"group_names": train.group_names, "train_p_hat": p.tolist(), "train_FD_half_l1": fd_half_l1(p).item(),
+            "train_FD_l2": fd_l2(p).item(), "FID_C_floor": floor, "FID_C_floor_n": min(n, len(train_features))}
+
+
+def pooled_images(arm: dict, per_condition: int = None) -> torch.Tensor:
+    """The images p̂, FD and FID-C are computed on: `images`, else all `class_images`, else all
+    `cond_images` (the first per_condition of each condition, if given)."""
+    if arm.get("images") is not None:
+        return arm["images"]
+    by_condition = arm.get("class_images") or arm.get("cond_images")
+    if not by_condition:
+        raise ValueError(f"arm {arm.get('name')!r} has none of images, cond_images, class_images")
+    return torch.cat([images[:per_condition].cpu() for images in by_condition.values()])
+
+
+def evaluate_arm(arm: dict, evaluator: Evaluator, real) -> dict:
+    """Every metric the arm's images allow (SPD needs cond_images; Bias and cond_acc class_images).
+    real = (test features, test groups) from Evaluator.real_features."""
+    pool, k = pooled_images(arm), evaluator.num_groups
+    groups = evaluator.groups(pool)                                                     # [N]
+    p, ci = group_shares(groups, k), bootstrap(groups, k)
+    features, (test_features, test_groups) = evaluator.features(pool), real
+    matched = p if p.sum() > 0 else torch.full((k,), 1 / k)     # no sample in a group: compare to balanced
+    out = {"name": arm["name"], "n": len(pool), "no_group": (groups < 0).double().mean().item(),
+           "p_hat": p.tolist(), "p_hat_ci": ci["p_hat"].tolist(),
+           "FD_half_l1": fd_half_l1(p).item(), "FD_half_l1_ci": ci["FD_half_l1"].tolist(),
+           "FD_l2": fd_l2(p).item(), "FD_l2_ci": ci["FD_l2"].tolist(),
+           "FID_C": frechet_distance(features, test_features, share_weights(test_groups, matched)),
+           "FID_C_vs_balanced": frechet_distance(features, test_features)}
+    if arm.get("cond_images"):
+        success = {}
+        for a, images in arm["cond_images"].items():
+            hit = evaluator.groups(images) == int(a)
+            if evaluator.cfg.dataset != "celeba":               # … and a confidently recognised digit
+                hit &= evaluator.classes(images)[1] >= CONFIDENT
+            success[str(int(a))] = hit
+        out["SPD"] = spd(list(success.values()))
+        out["success_rate"] = {a: hit.double().mean().item() for a, hit in success.items()}
+    if arm.get("class_images"):
+        bias, fd, correct = {}, {}, []
+        for c, images in arm["class_images"].items():
+            groups = evaluator.groups(images)
+            counts = torch.bincount(groups[groups >= 0], minlength=k)                  # [K]
+            bias[str(int(c))] = bias_score(counts)
+            fd[str(int(c))] = fd_half_l1(group_shares(groups, k)).item()
+            correct.append(evaluator.classes(images)[0] == int(c))
+        values = torch.tensor(list(bias.values()), dtype=torch.float64)
+        out.update(Bias_mean=values.mean().item(), Bias_std=values.std(correction=0).item(),
+                   Bias_per_class=bias, FD_half_l1_per_class=fd, cond_acc=torch.cat(correct).double().mean().item())
+    out.update({key: value for key, value in arm.items() if key not in ("images", "cond_images", "class_images")})
+    return out
+
+
+def evaluate_arms(arms, evaluator: Evaluator, data_cfg: DataConfig, out_dir, *, method, preset, device_name,
+                  extra=None) -> dict:
+    """Evaluate each arm; write metrics.json, report.md, tradeoff.png, samples_<arm>.png and samples.png
+    to out_dir; print the table. extra: more top-level fields for metrics.json (e.g. the run config)."""
+    metrics = {"dataset": data_cfg.dataset, "device": device_name, "preset": preset, "method": method,
+               "classifiers": dict(evaluator.accuracies)}
+    if not arms:
+        raise ValueError("evaluate_arms got no arms; pass a list of at least 1 arm dict")
+    if set(extra or {}) & {*metrics, "reference", "arms"}:
+        raise ValueError(f"extra fields {sorted(extra)} reuse metrics.json's own keys; rename them")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics["reference"] = reference(evaluator, data_cfg, n=max(len(pooled_images(arm)) for arm in arms))
+    real = evaluator.real_features(data_cfg, "test")
+    metrics["arms"] = [evaluate_arm(arm, evaluator, real) for arm in arms]
+    metrics.update(extra or {})
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_tradeoff(metrics, out_dir / "tradeoff.png")
+    plot_samples(arms, out_dir)
+    (out_dir / "report.md").write_text(report(metrics))
+    print(format_table(metrics))
+    return metrics
+
+
+# -------------------------------------------------------------------------------------- reporting
+DEFINITIONS = [
+    "FD_half_l1 = ½ Σ_k |p̂_k − 1/K| (= |p̂_0 − 0.5| for two groups), FD_l2 = ‖p̂ − u‖₂; p̂ leaves out samples "
+    "in no group (`no_group` in metrics.json); 95% CIs: percentile bootstrap, 1000 resamples.",
+    "SPD = max_a P(success | cond = a) − min_a P(success | cond = a); success = the sample is classified as the "
+    "requested group (MNIST: and recognised as a digit with softmax ≥ 0.9).",
+    "Bias = InvDiff's Σ_{i<j} |n_i − n_j| / N_p / (K(K−1)/2) per class condition p, mean ± std over conditions; "
+    "cond acc = share of class-conditional samples classified as the requested class.",
+    "FID-C = Fréchet distance of the evaluation classifier's penultimate features (cmnist: plus the foreground "
+    "color) to real test images reweighted to the arm's group share; not Inception-FID, never compare the two."]
+TABLE_KEYS = {"name", "n", "no_group", "p_hat", "p_hat_ci", "FD_half_l1", "FD_half_l1_ci", "FD_l2", "FD_l2_ci",
+              "FID_C", "FID_C_vs_balanced", "SPD", "success_rate", "Bias_mean", "Bias_std", "Bias_per_class",
+              "FD_half_l1_per_class", "cond_acc"}
+
+
+def format_table(metrics: dict) -> str:
+    """Markdown, one row per arm: method fields (e.g. alpha) first; '–' where a metric does not apply."""
+    arms, names = metrics["arms"], metrics["reference"]["group_names"]
+    fields = [key for key in dict.fromkeys(key for arm in arms for key in arm) if key not in TABLE_KEYS
+              and all(isinstance(arm.get(key), (int, float, str, type(None))) for arm in arms)]
+
+    def cell(value, digits=3):
+        return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    def with_ci(value, ci):
+        return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    two = len(names) == 2
+    header = ["arm", *fields, f"p̂({names[0]}) [95% CI]" if two else f"p̂ ({'/'.join(names)})",
+              "FD_half_l1 [95% CI]", "FD_l2", "SPD", "Bias (mean ± std)", "cond acc", "FID-C"]
+    rows = [[arm["name"], *(cell(arm.get(key)) for key in fields),
+             with_ci(arm["p_hat"][0], arm["p_hat_ci"][0]) if two else "/".join(f"{v:.2f}" for v in arm["p_hat"]),
+             with_ci(arm["FD_half_l1"], arm["FD_half_l1_ci"]), cell(arm["FD_l2"]), cell(arm.get("SPD")),
+             f"{arm['Bias_mean']:.3f} ± {arm['Bias_std']:.3f}" if "Bias_mean" in arm else "–",
+             cell(arm.get("cond_acc")), cell(arm["FID_C"], 2)] for arm in arms]
+    return "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows])
+
+
+def report(metrics: dict) -> str:
+    ref = metrics["reference"]
+    shares = ", ".join(f"{name} {v:.3f}" for name, v in zip(ref["group_names"], ref["train_p_hat"]))
+    accuracies = ", ".join(f"{name} {acc:.4f}" for name, acc in metrics["classifiers"].items())
+    return "\n\n".join([
+        f"# {metrics['method']} on {metrics['dataset']} (preset {metrics['preset']}, {metrics['device']})",
+        format_table(metrics),
+        f"Reference lines: the training data's own group share ({shares}) has FD_half_l1 = "
+        f"{ref['train_FD_half_l1']:.3f} and FD_l2 = {ref['train_FD_l2']:.3f}; real training vs real test images "
+        f"(N = {ref['FID_C_floor_n']}) score FID-C = {ref['FID_C_floor']:.2f}, the floor.",
+        f"Held-out accuracy of the evaluation classifiers: {accuracies}.",
+        "\n".join(f"- {line}" for line in DEFINITIONS), "![trade-off](tradeoff.png)", "![samples](samples.png)"]) + "\n"
+
+
+def plot_tradeoff(metrics: dict, path: Path):
+    """FD_half_l1 (with its 95% CI) against FID-C, one labelled point per arm, reference lines dashed."""
+    fig = Figure(figsize=(5.5, 4.5), tight_layout=True)
+    ax = fig.add_subplot()
+    for arm in metrics["arms"]:
+        fd, (lo, hi) = arm["FD_half_l1"], arm["FD_half_l1_ci"]
+        ax.errorbar(fd, arm["FID_C"], xerr=[[fd - lo], [hi - fd]], fmt="o", capsize=3)
+        ax.annotate(arm["name"], (fd, arm["FID_C"]), textcoords="offset points", xytext=(4, 4))
+    ax.axvline(metrics["reference"]["train_FD_half_l1"], ls="--", c="gray", label="training data's FD")
+    ax.axhline(metrics["reference"]["FID_C_floor"], ls=":", c="gray", label="FID-C floor (real vs real)")
+    ax.set(xlabel="FD_half_l1 (95% CI)", ylabel="FID-C (not Inception-FID)", title=metrics["method"])
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def plot_samples(arms, out_dir: Path, n=64):
+    """samples_<arm>.png: an 8×8 grid per arm; samples.png: all arms side by side, titled."""
+    fig = Figure(figsize=(3 * len(arms), 3.3), tight_layout=True)
+    for i, arm in enumerate(arms):
+        conditions = len(arm.get("class_images") or arm.get("cond_images") or [0])
+        images = pooled_images(arm, per_condition=-(-n // conditions))[:n]               # [≤ 64, 3, H, W]
+        grid = make_grid(images.cpu().float() / 255, nrow=8, padding=1)                 # [3, H', W']
+        save_image(grid, out_dir / f"samples_{re.sub(r'[^A-Za-z0-9._=-]+', '_', arm['name'])}.png")
+        ax = fig.add_subplot(1, len(arms), i + 1)
+        ax.imshow(grid.permute(1, 2, 0).numpy())
+        ax.set_title(arm["name"])
+        ax.axis("off")
+    fig.savefig(out_dir / "samples.png", dpi=120)
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def main(argv=None):
+    """python evaluate.py --run runs/cmnist/<stage>: sample --n images, evaluate them as one arm."""
+    p = argparse.ArgumentParser(description="sample a trained model and evaluate it as one arm")
+    p.add_argument("--run", required=True, help="a run folder, e.g. runs/cmnist/base")
+    p.add_argument("--n", type=int, default=2000, help="samples to draw")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--runs-dir", default="runs", help="where the evaluation classifiers are cached")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    a = p.parse_args(argv)
+    try:
+        if not Path(a.run).is_dir():
+            raise FileNotFoundError(f"--run {a.run} is not a folder; pass a trained run such as runs/cmnist/base")
+        if a.n < 2:
+            raise ValueError(f"--n {a.n} must be at least 2 (FID-C needs a covariance)")
+        from ddpm import load_pipeline   # imported here so evaluate.py works without ddpm.py
+        device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = load_pipeline(a.run, device)
+        evaluator = get_evaluator(pipe.data_cfg, a.runs_dir, device)
+        arm = {"name": Path(a.run).name, "images": pipe.sample(a.n, seed=a.seed)}
+        evaluate_arms([arm], evaluator, pipe.data_cfg, Path(a.run) / "eval", method=Path(a.run).name,
+                      preset=pipe.preset, device_name=device, extra={"run": a.run, "n": a.n, "seed": a.seed})
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

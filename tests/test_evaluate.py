@@ -1,0 +1,334 @@
+"""Tests for evaluate.py: the metrics against hand-computed values, the readers on synthetic and (when
+FAIRDIFF_DATA points at the data root) real images, and the files evaluate_arms writes.
+
+Synthetic MNIST: a tiny folder in torchvision's MNIST layout where "digit" k is a bar at a
+k-dependent place, so a few training steps learn it and data.load works unchanged."""
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the repo's flat modules (data.py, evaluate.py) without installing
+import data  # noqa: E402
+from data import DataConfig, load  # noqa: E402
+from evaluate import (Evaluator, bias_score, bootstrap, evaluate_arm, evaluate_arms, fd_half_l1, fd_l2, format_table,
+                      frechet_distance, frechet_from_moments, get_evaluator, group_shares, moments,
+                      share_weights, spd)
+
+torch.set_num_threads(min(4, os.cpu_count() or 1))
+REAL_ROOT = os.environ.get("FAIRDIFF_DATA", "")
+HAVE_MNIST = bool(REAL_ROOT) and (Path(REAL_ROOT) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists()
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # data.py, torchvision.io
+needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason="real MNIST not found: set FAIRDIFF_DATA to the data root")
+
+
+# ------------------------------------------------------------------------------------ fixtures
+def synthetic_digits(n, seed):
+    """uint8 [n, 28, 28] bars: digits 0-4 horizontal at row 3 + 5k, digits 5-9 vertical; labels [n]."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+    for i, k in enumerate(labels.tolist()):
+        at = 3 + 5 * (k % 5) + int(torch.randint(-1, 2, (1,), generator=gen))
+        value = int(torch.randint(160, 256, (1,), generator=gen))
+        if k < 5:
+            images[i, at:at + 3, 4:24] = value
+        else:
+            images[i, 4:24, at:at + 3] = value
+    return images, labels
+
+
+def write_mnist(root: Path, n_train=3000, n_test=600):
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = synthetic_digits(n, seed)
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.numpy().tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_root(tmp_path_factory):
+    return write_mnist(tmp_path_factory.mktemp("fake_data"))
+
+
+@pytest.fixture(scope="session")
+def fake_evaluator(fake_root, tmp_path_factory):
+    cfg = DataConfig(dataset="cmnist", data_root=str(fake_root))
+    return get_evaluator(cfg, tmp_path_factory.mktemp("runs"), "cpu", epochs=4)
+
+
+@pytest.fixture(scope="session")
+def real_evaluator(tmp_path_factory):
+    """The digit CNN trained once per session on real MNIST, in a temporary runs dir."""
+    if not HAVE_MNIST:
+        pytest.skip("real MNIST not found: set FAIRDIFF_DATA to the data root")
+    runs = tmp_path_factory.mktemp("runs_real")
+    return get_evaluator(DataConfig(dataset="cmnist", data_root=REAL_ROOT), runs, "cpu"), runs
+
+
+# ------------------------------------------------------------------------------- fairness metrics
+def labels_with_shares(*counts):
+    return torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
+
+
+def test_fd_two_groups_is_0_30_for_shares_0_8_0_2():
+    p = group_shares(labels_with_shares(800, 200), 2)
+    assert p.tolist() == pytest.approx([0.8, 0.2])
+    assert fd_half_l1(p).item() == pytest.approx(0.30)
+    assert fd_l2(p).item() == pytest.approx(0.30 * math.sqrt(2))
+    assert fd_half_l1(group_shares(labels_with_shares(500, 500), 2)).item() == pytest.approx(0.0)
+
+
+def test_fd_three_groups_by_hand():
+    p = group_shares(labels_with_shares(500, 300, 200), 3)
+    # ½(|.5-1/3| + |.3-1/3| + |.2-1/3|) = ½(5/30 + 1/30 + 4/30) = 1/6
+    assert fd_half_l1(p).item() == pytest.approx(1 / 6)
+    # sqrt((5/30)² + (1/30)² + (4/30)²) = sqrt(42)/30
+    assert fd_l2(p).item() == pytest.approx(math.sqrt(42) / 30)
+    # all in one group: total variation 1 - 1/K
+    assert fd_half_l1(torch.tensor([1.0, 0.0, 0.0])).item() == pytest.approx(2 / 3)
+
+
+def test_group_shares_leave_out_no_group():
+    groups = torch.cat([labels_with_shares(80, 20), torch.full((50,), -1)])
+    assert group_shares(groups, 2).tolist() == pytest.approx([0.8, 0.2])
+
+
+def test_spd_on_hand_made_success_tables():
+    a = torch.tensor([1, 1, 1, 0], dtype=torch.bool)        # P(success | a) = 0.75
+    b = torch.tensor([1, 0, 0, 0], dtype=torch.bool)        # P(success | b) = 0.25
+    assert spd([a, b]) == pytest.approx(0.5)
+    assert spd([b, a]) == pytest.approx(0.5)
+    rates = [torch.arange(10) < r for r in (9, 5, 7)]        # 0.9, 0.5, 0.7: max - min
+    assert spd(rates) == pytest.approx(0.4)
+    assert spd([a, a]) == 0
+
+
+def test_bias_score_by_hand():
+    # (|6-2| + |6-2| + |2-2|) / 10 / 3
+    assert bias_score(torch.tensor([6, 2, 2])) == pytest.approx(8 / 30)
+    # K = 2: |n0 - n1| / N = 2 · FD_half_l1
+    assert bias_score(torch.tensor([8, 2])) == pytest.approx(0.6)
+    assert bias_score(torch.tensor([5, 5, 5])) == 0
+
+
+def test_bootstrap_ci_covers_true_share():
+    """200 datasets of 400 labels with P(group 0) = 0.3: the 95% CI covers 0.3 in ≥ 90% of them
+    (measured: 0.97)."""
+    gen = torch.Generator().manual_seed(0)
+    covered = 0
+    for trial in range(200):
+        groups = (torch.rand(400, generator=gen) >= 0.3).long()
+        lo, hi = bootstrap(groups, 2, seed=trial)["p_hat"][0].tolist()
+        covered += lo <= 0.3 <= hi
+    assert covered / 200 >= 0.90
+
+
+def test_bootstrap_ci_brackets_estimate_and_fd():
+    groups = labels_with_shares(700, 300)
+    ci = bootstrap(groups, 2)
+    assert ci["p_hat"][0, 0] < 0.7 < ci["p_hat"][0, 1]
+    assert ci["FD_half_l1"][0] < 0.2 < ci["FD_half_l1"][1]
+    assert ci["FD_l2"][0] < 0.2 * math.sqrt(2) < ci["FD_l2"][1]
+
+
+# ------------------------------------------------------------------------------------------ FID-C
+def test_fid_of_a_set_with_itself_is_zero():
+    f = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
+    assert abs(frechet_distance(f, f)) < 1e-6
+
+
+def test_fid_of_diagonal_gaussians_matches_closed_form():
+    mu1, mu2 = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 0.0])
+    a, b = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 1.0, 1.0])
+    exact = ((mu1 - mu2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum()          # 5 + 1 + 1 + 4 = 11
+    d = lambda v: torch.diag(v).double()
+    assert frechet_from_moments(mu1.double(), d(a), mu2.double(), d(b)) == pytest.approx(exact.item())
+    gen = torch.Generator().manual_seed(0)
+    f1 = mu1 + a.sqrt() * torch.randn(200_000, 3, generator=gen)
+    f2 = mu2 + b.sqrt() * torch.randn(200_000, 3, generator=gen)
+    assert frechet_distance(f1, f2) == pytest.approx(exact.item(), abs=0.1)
+
+
+def test_fid_trace_term_for_non_commuting_covariances():
+    """tr (S1^½ S2 S1^½)^½ = Σ √λ(S1 S2): checked against the eigenvalues of the plain product."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 5, generator=gen, dtype=torch.float64), torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    s1, s2 = x @ x.T + 0.1 * torch.eye(5), y @ y.T + 0.1 * torch.eye(5)
+    trace_root = torch.linalg.eigvals(s1 @ s2).real.clamp_min(0).sqrt().sum()
+    expected = (s1.trace() + s2.trace() - 2 * trace_root).item()
+    zero = torch.zeros(5, dtype=torch.float64)
+    assert frechet_from_moments(zero, s1, zero, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_share_weights_move_the_reference_to_the_requested_share():
+    groups = labels_with_shares(50, 50)
+    f = torch.cat([torch.zeros(50, 2), torch.ones(50, 2)])             # group 0 at 0, group 1 at 1
+    mu, _ = moments(f, share_weights(groups, torch.tensor([0.8, 0.2])))
+    assert mu.tolist() == pytest.approx([0.2, 0.2])
+
+
+def test_fid_c_real_far_below_noise_synthetic(fake_evaluator, fake_root):
+    cfg = DataConfig(dataset="cmnist", data_root=str(fake_root))
+    train, test = load(cfg, "train").images, load(cfg, "test").images
+    noise = torch.randint(0, 256, test.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    f_train, f_test = fake_evaluator.features(train), fake_evaluator.features(test)
+    assert frechet_distance(f_train, f_test) * 10 < frechet_distance(fake_evaluator.features(noise), f_test)
+
+
+def test_fid_c_real_far_below_noise_real(real_evaluator):
+    evaluator, _ = real_evaluator
+    cfg = DataConfig(dataset="cmnist", data_root=REAL_ROOT, bias=0.5)
+    train, test = load(cfg, "train").images[:3000], load(cfg, "test").images[:3000]
+    noise = torch.randint(0, 256, test.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    f_test = evaluator.features(test)
+    assert frechet_distance(evaluator.features(train), f_test) * 20 < frechet_distance(evaluator.features(noise), f_test)
+
+
+# ---------------------------------------------------------------------------------------- readers
+@pytest.mark.parametrize("colors", ["red,green", "blue,yellow,magenta,cyan", "white,red"])
+def test_color_group_from_pixels_is_exact_on_synthetic_digits(colors, fake_root):
+    cfg = DataConfig(dataset="cmnist", data_root=str(fake_root), colors=colors)
+    test = load(cfg, "test")
+    evaluator = Evaluator(cfg, {}, {})                      # the color reader needs no network
+    assert torch.equal(evaluator.groups(test.images), test.group)
+    blank = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    assert evaluator.groups(blank).tolist() == [-1, -1]
+
+
+@needs_mnist
+@pytest.mark.parametrize("colors", ["red,green", "blue,yellow,magenta"])
+def test_color_group_from_pixels_is_exact_on_real_test_images(colors):
+    cfg = DataConfig(dataset="cmnist", data_root=REAL_ROOT, colors=colors)
+    test = load(cfg, "test")
+    assert torch.equal(Evaluator(cfg, {}, {}).groups(test.images), test.group)
+
+
+def test_digit_cnn_learns_synthetic_digits_and_is_cached(fake_evaluator, fake_root, tmp_path):
+    assert fake_evaluator.accuracies["digit"] >= 0.95
+    assert fake_evaluator.accuracies["color (from pixels)"] == 1.0
+    pair = DataConfig(dataset="mnist-pair", data_root=str(fake_root), digits="2,7")
+    test = load(pair, "test")
+    pair_evaluator = Evaluator(pair, fake_evaluator.nets, {})
+    assert (pair_evaluator.groups(test.images) == test.group).double().mean() >= 0.95
+    others = load(DataConfig(dataset="mnist-pair", data_root=str(fake_root), digits="0,1"), "test").images
+    assert (pair_evaluator.groups(others) == -1).double().mean() >= 0.95   # neither a 2 nor a 7
+
+
+@needs_mnist
+def test_digit_cnn_reaches_99_percent_on_real_mnist(real_evaluator):
+    evaluator, runs = real_evaluator
+    assert evaluator.accuracies["digit"] >= 0.99
+    assert evaluator.accuracies["color (from pixels)"] == 1.0
+    # colored test digits in colors it never saw, through the public API
+    cfg = DataConfig(dataset="cmnist", data_root=REAL_ROOT, colors="blue,yellow")
+    test = load(cfg, "test")
+    pred, confidence = Evaluator(cfg, evaluator.nets, {}).classes(test.images)
+    assert (pred == test.label).double().mean() >= 0.99
+    assert confidence.min() > 0 and confidence.max() <= 1
+    # a second call loads the cached classifier instead of training again
+    again = get_evaluator(DataConfig(dataset="cmnist", data_root=REAL_ROOT), runs, "cpu")
+    assert again.accuracies == evaluator.accuracies
+
+
+def test_celeba_readers_on_a_synthetic_folder(tmp_path, monkeypatch):
+    """Write 90 tiny 'faces' (dark = male) with attribute and partition lists; train 1 epoch."""
+    from torchvision.io import encode_jpeg
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    folder = tmp_path / "celeba" / "img_align_celeba"
+    folder.mkdir(parents=True)
+    names = [f"{i:06d}.jpg" for i in range(1, 91)]
+    attributes = ["Male", "Smiling"]
+    rows, parts = [], []
+    for i, name in enumerate(names):
+        male, smiling = i % 2 == 0, i % 4 < 2
+        image = torch.full((3, 218, 178), 60 if male else 200, dtype=torch.uint8)
+        (folder / name).write_bytes(encode_jpeg(image).numpy().tobytes())
+        rows.append(f"{name} {1 if male else -1} {1 if smiling else -1}")
+        parts.append(f"{name} {i // 30}")
+    (tmp_path / "celeba" / "list_attr_celeba.txt").write_text("\n".join([str(len(names)), " ".join(attributes), *rows]))
+    (tmp_path / "celeba" / "list_eval_partition.txt").write_text("\n".join(parts))
+    cfg = DataConfig(dataset="celeba", data_root=str(tmp_path))
+    evaluator = get_evaluator(cfg, tmp_path / "runs", "cpu", epochs=1)
+    assert set(evaluator.accuracies) == {"gender", "Smiling"}
+    assert (tmp_path / "runs" / "celeba" / "eval" / "gender_e1.pt").exists()
+    test = load(cfg, "test")
+    assert evaluator.groups(test.images).shape == (len(test),)
+    assert set(evaluator.groups(test.images).tolist()) <= {0, 1}
+    assert evaluator.features(test.images).shape == (len(test), 128)
+
+
+# ------------------------------------------------------------------------------- evaluate_arms
+def all_finite(value):
+    if isinstance(value, dict):
+        return all(all_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(all_finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def test_evaluate_arms_writes_metrics_report_and_plots(fake_evaluator, fake_root, tmp_path):
+    cfg = DataConfig(dataset="cmnist", data_root=str(fake_root))
+    test = load(cfg, "test")
+    red = test.images[test.group == 0][:200]
+    by_group = {g: test.images[test.group == g][:100] for g in (0, 1)}
+    by_class = {c: test.images[test.label == c][:20] for c in range(10)}
+    arms = [{"name": "all red", "images": red, "alpha": 0.0},
+            {"name": "balanced α=1", "images": test.images[:300], "cond_images": by_group,
+             "class_images": by_class, "alpha": 1.0, "entropy_mean": 0.69}]
+    metrics = evaluate_arms(arms, fake_evaluator, cfg, tmp_path, method="ddm", preset="tiny", device_name="cpu",
+                            extra={"seed": 0})
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics)) and all_finite(saved)
+    assert {"dataset", "device", "preset", "method", "classifiers", "reference", "arms", "seed"} == set(saved)
+    assert saved["reference"]["train_FD_half_l1"] == pytest.approx(0.30)
+    first, second = saved["arms"]
+    assert first["p_hat"] == [1.0, 0.0] and first["FD_half_l1"] == 0.5
+    assert first["FD_l2"] == pytest.approx(0.5 * math.sqrt(2)) and first["alpha"] == 0.0
+    assert {"SPD", "Bias_mean", "Bias_std", "cond_acc", "FID_C", "p_hat_ci", "FD_half_l1_ci"} <= set(second)
+    assert second["entropy_mean"] == 0.69
+    rates = second["success_rate"]                       # real images of the requested color
+    assert set(rates) == {"0", "1"} and second["SPD"] == pytest.approx(abs(rates["0"] - rates["1"]))
+    assert second["cond_acc"] >= 0.9                       # real images of the requested digit
+    assert second["Bias_mean"] < 0.5                       # colors are independent of digits in real data
+    for name in ("report.md", "tradeoff.png", "samples.png", "samples_all_red.png", "samples_balanced_=1.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    report = (tmp_path / "report.md").read_text()
+    assert format_table(metrics) in report and "SPD =" in report and "FID-C =" in report
+    assert len(format_table(metrics).splitlines()) == 2 + len(arms)
+
+
+def test_errors_name_the_bad_value(fake_evaluator, tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        fake_evaluator.groups(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="same D"):
+        frechet_distance(torch.zeros(10, 3), torch.zeros(10, 4))
+    with pytest.raises(ValueError, match="no arms"):
+        evaluate_arms([], fake_evaluator, fake_evaluator.cfg, tmp_path, method="m", preset="tiny", device_name="cpu")
+    with pytest.raises(ValueError, match="none of images"):
+        evaluate_arms([{"name": "empty"}], fake_evaluator, fake_evaluator.cfg, tmp_path, method="m",
+                      preset="tiny", device_name="cpu")
+    run = subprocess.run([sys.executable, "evaluate.py", "--run", str(tmp_path / "missing")], cwd=REPO,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "missing" in run.stderr
+
+
+def test_spd_success_needs_a_confident_digit(fake_evaluator, fake_root):
+    """Both conditions get the requested color, but only red samples are confidently a digit."""
+    cfg = DataConfig(dataset="cmnist", data_root=str(fake_root))
+    test = load(cfg, "test")
+    evaluator = Evaluator(cfg, fake_evaluator.nets, {})
+    evaluator.classes = lambda images: (torch.zeros(len(images), dtype=torch.long),
+                                        torch.where(images[:, 0].flatten(1).amax(1) > 0, 1.0, 0.5))
+    arm = {"name": "cond", "cond_images": {g: test.images[test.group == g][:50] for g in (0, 1)}}
+    out = evaluate_arm(arm, evaluator, evaluator.real_features(cfg, "test"))
+    assert out["success_rate"] == {"0": 1.0, "1": 0.0} and out["SPD"] == 1.0

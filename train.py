@@ -1,0 +1,320 @@
+"""The one training loop every stage uses (VAE, base diffusion model, DDM arms, InvDiff modules).
+
+    for step in range(start, steps):
+        loss = loss_fn(model, step)                        # the stage decides what a batch is
+        loss.backward(); clip_grad_norm_(params, grad_clip); AdamW.step(); lr_schedule.step()
+        ema ← lerp(ema, params, 1 − decay(step)),   decay(s) = min(ema_decay, (1 + s) / (10 + s))
+
+The EMA warm-up matters: a plain 0.9999 EMA of a short run still sits near the initial weights and
+samples pure noise. On CUDA the forward pass runs under bf16 autocast. Every `ckpt_every` steps and
+at the end the whole state (config, step, weights, EMA, optimiser, schedule, RNG) is written to a
+temp file and moved into place with `os.replace`, so a crash never leaves a half-written checkpoint.
+A non-finite loss stops the run before the next checkpoint, so the last good one stays intact.
+
+Also here: the config → argparse helper (`parse_config`), presets, run directories named by a config
+hash (`run_dir`) so later stages find earlier ones, and `checkpoint`/`load_checkpoint`.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+PRESETS = ("tiny", "small", "full")
+FILLED_IN = ("preset", "vae")     # config fields the code fills in, never flags
+NOT_HASHED = ("data_root", "ckpt_every", "log_every", "compile", "download")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000              # optimiser steps
+    batch_size: int = 128          # global batch (split across ranks under torchrun)
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup: int = 100              # linear LR warm-up steps
+    lr_schedule: str = "constant"  # constant | cosine (after warm-up)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999       # the EMA's largest decay (reached after warm-up)
+    ckpt_every: int = 1000         # also written at the end
+    log_every: int = 50            # loss to log.jsonl / tqdm (the only host-device sync)
+    seed: int = 0
+    compile: bool = False          # torch.compile the model (CUDA only)
+
+
+# ------------------------------------------------------------------------------------------ config
+class ConfigError(ValueError):
+    """A bad flag, file or state; the CLI prints its one line and exits 2."""
+
+
+def parse_config(cls, presets: dict, argv=None, description=""):
+    """Build argparse from the dataclass fields, apply the preset, then the explicit flags.
+
+    Flags are the field names with '-' for '_'; booleans take true/false; a preset is a dict of
+    field values (`--preset tiny|small|full`, default small on a GPU and tiny otherwise).
+    Returns (cfg, args) where args also holds --preset, --fresh, --runs and --device."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", choices=PRESETS, default=None)
+    p.add_argument("--fresh", action="store_true", help="retrain every stage instead of reusing")
+    p.add_argument("--runs", default="runs", help="where run directories go")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    for f in fields(cls):
+        if f.name in FILLED_IN:
+            continue
+        kind = {bool: _bool, int: int, float: float}.get(type(f.default), str)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"default {f.default!r}")
+    args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.preset is None:
+        args.preset = "small" if args.device.startswith("cuda") else "tiny"
+    values = dict(presets.get(args.preset, {}))
+    values.update(explicit_flags(cls, args))
+    cfg = cls(**values)
+    print(f"preset {args.preset} on {args.device}"
+          + ("" if args.device.startswith("cuda") else " (no GPU: use --preset small on a GPU)"))
+    return cfg, args
+
+
+def explicit_flags(cls, args) -> dict:
+    """The config fields the user set on the command line (they beat any preset)."""
+    return {f.name: getattr(args, f.name) for f in fields(cls)
+            if f.name not in FILLED_IN and getattr(args, f.name) is not None}
+
+
+def _bool(s: str) -> bool:
+    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("true", "1", "yes")
+
+
+def config_hash(cfg) -> str:
+    """8 hex digits of the config (fields that cannot change the result are skipped)."""
+    return hashlib.sha1(json.dumps(_comparable(cfg), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_dir(runs: str, cfg, stage: str) -> Path:
+    return Path(runs) / cfg.dataset / f"{stage}-{config_hash(cfg)}"
+
+
+def main_guard(fn):
+    """Run a CLI entry point: ValueError / FileNotFoundError become one line on stderr, exit 2."""
+    try:
+        fn()
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def checkpoint(path: Path, state: dict):
+    """Atomic: write to a temp file in the same folder, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, cfg=None, map_location="cpu") -> dict:
+    """Load with weights_only=True; refuse one written by a different config."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated, not a torch file, unpickling refused
+        raise ConfigError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it or pass --fresh")
+    if not isinstance(state, dict) or "config" not in state:
+        raise ConfigError(f"checkpoint {path} has no config; it was not written by fairdiff")
+    if cfg is not None and state["config"] != _comparable(cfg):
+        diff = [k for k in set(state["config"]) | set(_comparable(cfg))
+                if state["config"].get(k) != _comparable(cfg).get(k)]
+        raise ConfigError(f"checkpoint {path} was written by another config (differs in "
+                          f"{', '.join(sorted(diff))}); use --fresh or another --runs folder")
+    return state
+
+
+def _comparable(cfg) -> dict:
+    """The config fields that change a result (not where data lives or how often we log)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in NOT_HASHED}
+
+
+def check_writable(folder: Path):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run directory {folder} is not writable ({e.strerror}); pass --runs DIR")
+
+
+# --------------------------------------------------------------------------------------- utilities
+def local_batch(batch_size: int) -> int:
+    """Each of the world's ranks draws batch_size / world samples (the global batch is fixed)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if batch_size % world:
+        raise ConfigError(f"--batch-size {batch_size} is not divisible by {world} processes")
+    return batch_size // world
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def distributed() -> tuple:
+    """(rank, world_size): set up the process group once when launched by torchrun."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def lr_lambda(cfg: TrainConfig):
+    def factor(step):
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        if cfg.lr_schedule == "cosine":
+            progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+    return factor
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, with warm-up."""
+
+    def __init__(self, params, max_decay: float):
+        self.params = list(params)
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.max_decay = max_decay
+
+    @torch.no_grad()
+    def update(self, step: int):
+        decay = min(self.max_decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, params):
+        for s, p in zip(self.shadow, params):
+            p.copy_(s)
+
+
+# ------------------------------------------------------------------------------------------- loop
+def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage_cfg=None,
+          params=None, sample_fn=None, device="cpu", desc="train") -> dict:
+    """Train `params` (default: all of model's) by minimising loss_fn(model, step, generator).
+
+    loss_fn draws its own batch with the given torch.Generator (seeded, saved in checkpoints, so a
+    resumed run sees the same batches as an uninterrupted one). Resumes from out/ckpt.pt when its
+    config matches `stage_cfg` (default cfg). Leaves the EMA weights in `model` and returns
+    {"step", "loss", "seconds", "img_per_s"}. sample_fn(model, out) is called with EMA weights at
+    every checkpoint (e.g. to write samples.png)."""
+    if cfg.steps < 0 or cfg.batch_size <= 0 or cfg.lr <= 0:
+        raise ConfigError(f"--steps {cfg.steps} must be >= 0, --batch-size {cfg.batch_size} and "
+                          f"--lr {cfg.lr} > 0")
+    stage_cfg = stage_cfg or cfg
+    rank, world = distributed()
+    out = Path(out)
+    check_writable(out)
+    params = [p for p in (params or model.parameters()) if p.requires_grad]
+    cuda = str(device).startswith("cuda")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    ema = EMA(params, cfg.ema_decay)
+    gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
+    step, ckpt = 0, out / "ckpt.pt"
+    if ckpt.exists():
+        state = load_checkpoint(ckpt, stage_cfg, map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        for s, v in zip(ema.shadow, state["ema"]):
+            s.copy_(v)
+        gen.set_state(state["gen"][rank].to("cpu") if cuda else state["gen"][rank])
+        step = state["step"]
+        if step < cfg.steps and rank == 0:
+            print(f"resuming {out} from step {step}")
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None)
+    if cfg.compile and cuda:
+        net = torch.compile(net)
+
+    def save(last_loss):
+        gens = [gen.get_state()]
+        if world > 1:  # every rank's batch generator, so a resume is exact
+            gens = [torch.empty_like(gens[0]) for _ in range(world)]
+            dist.all_gather_object(gens, gen.get_state())
+        if rank != 0:
+            return
+        raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        ema.copy_to(params)  # write samples with the EMA weights, then put the raw ones back
+        checkpoint(ckpt, {"config": _comparable(stage_cfg), "step": step, "model": raw,
+                          "ema_model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                          "ema": ema.shadow, "opt": opt.state_dict(), "sched": sched.state_dict(),
+                          "gen": gens, "loss": last_loss})
+        if sample_fn is not None:
+            model.eval()
+            sample_fn(model, out)
+            model.train()
+        model.load_state_dict(raw)
+
+    log = open(out / "log.jsonl", "a") if rank == 0 else None
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=rank != 0, dynamic_ncols=True)
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    loss_sum = torch.zeros((), device=device)
+    last_loss, t0, t_start, start = float("nan"), time.perf_counter(), time.perf_counter(), step
+    model.train()
+    while step < cfg.steps:
+        with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+            loss = loss_fn(net, step, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        finite &= torch.isfinite(loss.detach())
+        opt.step()
+        sched.step()
+        ema.update(step)
+        loss_sum += loss.detach().float()
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps or step % cfg.ckpt_every == 0:
+            if not finite:  # stop before the next checkpoint: the last good one stays intact
+                raise FloatingPointError(f"non-finite loss before step {step}; the last good "
+                                         f"checkpoint {ckpt} is intact (lower --lr?)")
+            n = (step - 1) % cfg.log_every + 1
+            last_loss = loss_sum.item() / n
+            loss_sum.zero_()
+            dt = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if log:
+                log.write(json.dumps({"step": step, "loss": last_loss, "lr": sched.get_last_lr()[0],
+                                      "img_per_s": n * cfg.batch_size / dt}) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+        bar.update(1)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save(last_loss)
+    bar.close()
+    if log:
+        log.close()
+    seconds = time.perf_counter() - t_start
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(state["ema_model"])
+        last_loss = state["loss"]
+    trained = step - start
+    return {"step": step, "loss": last_loss, "seconds": seconds,
+            "img_per_s": trained * cfg.batch_size / seconds if trained else float("nan")}
+
