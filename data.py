@@ -157,6 +157,8 @@ def _cmnist(cfg, split, gray, digits, gen):
         shares = [1.0 / n_groups] * n_groups                    # balanced held-out split
     n = cfg.n_train if split == "train" else 0
     n = n or len(gray)
+    if n > len(gray):
+        raise ValueError(f"--n-train {n} is more than the {len(gray)} MNIST images; lower --n-train")
     # Colors go to a random permutation, so digits keep their natural distribution per group.
     order = torch.randperm(len(gray), generator=gen)[:n]
     counts = (torch.tensor(shares, dtype=torch.float64) * n).round().long()

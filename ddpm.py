@@ -33,8 +33,8 @@ from torchvision.utils import save_image
 
 import data
 import vae as vae_lib
-from train import (ConfigError, TrainConfig, config_hash, distributed, load_checkpoint, local_batch,
-                   main_guard, parse_config, train, explicit_flags)
+from train import (ConfigError, TrainConfig, check_train_config, config_hash, distributed, load_checkpoint,
+                   local_batch, main_guard, parse_config, seed_everything, train, explicit_flags)
 from unet import UNet, count_parameters
 
 matplotlib.use("Agg")
@@ -257,7 +257,7 @@ class Pipeline:
         gen = torch.Generator(self.device).manual_seed(seed)
         return sample_latents(model or self.unet, scheduler, n, self.latent_shape, cond=cond,
                               guidance_scale=guidance_scale, generator=gen, device=self.device,
-                              batch_size=batch_size, null_class=self.unet.num_classes)
+                              batch_size=batch_size, null_class=getattr(model, "num_classes", self.unet.num_classes))
 
     @torch.inference_mode()
     def decode(self, z0, batch_size=1000):
@@ -298,17 +298,19 @@ def base_config(data_cfg: data.DataConfig, preset: str, **overrides) -> Diffusio
 def ensure_base(cfg: DiffusionConfig, preset: str, runs: str, device: str, fresh=False) -> Pipeline:
     """Find the base model by its config hash (training the autoencoder and it when missing)."""
     data_cfg = data_config(cfg)
+    check_train_config(cfg)                                   # bad flags fail before the autoencoder trains
+    rank, world = distributed()                               # first: under torchrun "cuda" is this rank's GPU
+    scheduler = build_scheduler(cfg, "ddpm")
     vae, vae_dir = vae_lib.ensure_vae(data_cfg, preset, runs, device, fresh)
     cfg.vae = vae_dir.name
     out = Path(runs) / cfg.dataset / f"base-{config_hash(cfg)}"
-    if fresh and (out / "ckpt.pt").exists():
-        (out / "ckpt.pt").unlink()
+    if fresh:
+        (out / "ckpt.pt").unlink(missing_ok=True)             # every rank tries; one succeeds
     latents = vae_lib.encode_dataset(vae, vae_dir, data_cfg, device)
     z0, label, K = latents["z0"], latents["label"], latents["num_classes"]   # [N, 4, h, w], [N]
+    seed_everything(cfg.seed)                                 # same seed ⇒ same initial weights
     unet = build_unet(cfg, K, z0.shape[1]).to(device)
-    scheduler = build_scheduler(cfg, "ddpm")
     pipe = Pipeline(cfg, vae, unet, preset, device)
-    rank, world = distributed()
     shard = torch.arange(rank, len(z0), world, device=device)                # this rank's share
     if rank == 0:
         print(f"base model: {count_parameters(unet) / 1e6:.2f}M parameters, latents {tuple(z0.shape)}")

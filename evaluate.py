@@ -1,43 +1,43 @@
-"""Evaluation: which group a generated image belongs to, how fair and how good a set of samples is.
+"""Evaluation: which group a generated image belongs to, and how fair and how good a set of samples is.
 
 Readers (classifiers trained once on real data, cached in `runs/<dataset>/eval/`):
 
-    cmnist      group = the color of the foreground pixels (nearest palette color), read from pixels;
-                class = digit from a small CNN trained on real MNIST, applied to gray = max over RGB
+    cmnist      group = color of the foreground pixels (nearest palette color), read from pixels;
+                class = digit, from a small CNN trained on real MNIST, fed gray = max over RGB
     mnist-pair  group = the digit CNN's prediction mapped to its group (-1: neither of the two digits)
-    celeba      group = a gender CNN (0 male, 1 female), trained on the balanced `val` split;
-                class = a `cond_attr` CNN (e.g. Smiling), trained on `val` balanced for that attribute
+    celeba      group = a gender CNN (0 male, 1 female) trained on the balanced `val` split;
+                class = a `cond_attr` CNN (e.g. Smiling) trained on `val` balanced in that attribute
 
-Fairness. p̂_k = n_k / Σ_j n_j, the share of samples in group k (samples with no group, -1, are left
-out of both counts), u = (1/K, …, 1/K):
+Fairness. p̂_k = n_k / Σ_j n_j is the share of samples in group k; samples in no group (-1) are
+left out of the counts (their share is reported as `no_group`). u = (1/K, …, 1/K):
 
-    FD_half_l1 = ½ Σ_k |p̂_k − 1/K|          (= |p̂_0 − 0.5| for K = 2; total variation to uniform)
-    FD_l2      = ‖p̂ − u‖₂                    (Choi et al. 2020)
+    FD_half_l1 = ½ Σ_k |p̂_k − 1/K|     (= |p̂_0 − 0.5| for K = 2; the total variation to uniform)
+    FD_l2      = ‖p̂ − u‖₂               (Choi et al. 2020)
 
 95% CIs by the percentile bootstrap: resample the N group labels with replacement B = 1000 times
 (seeded), recompute p̂ and FD, take the 2.5% and 97.5% quantiles.
 
-SPD (a model conditioned on the group a). success = the sample is classified as the requested group
-(for the MNIST datasets also as a confidently recognised digit, softmax ≥ 0.9; any digit for cmnist):
+SPD, for a model conditioned on the group a. success = the sample is classified as the requested
+group (for the MNIST datasets also as a confidently recognised digit, softmax ≥ 0.9, any digit):
 
-    SPD = max_a P(success | cond = a) − min_a P(success | cond = a)   (= |P_a − P_b| for K = 2)
+    SPD = max_a P(success | cond = a) − min_a P(success | cond = a)     (= |P_a − P_b| for K = 2)
 
-Bias (InvDiff, class-conditional samples). For condition p with n_i samples in group i, N_p = Σ_i n_i:
+Bias (InvDiff), for class-conditional samples. Condition p gives n_i samples in group i, N_p = Σ n_i:
 
     Bias_p = Σ_{i<j} |n_i − n_j| / N_p / (K(K−1)/2),   reported as mean and std (ddof 0) over p
 
-FID-C. The Fréchet distance between Gaussians fitted to classifier features (float64):
+FID-C. The Fréchet distance between Gaussians fitted to classifier features, in float64:
 
     FID-C = ‖μ₁ − μ₂‖² + tr(S₁ + S₂ − 2 (S₁^½ S₂ S₁^½)^½)
 
-on the penultimate layer of the evaluation CNN (digit CNN for MNIST, gender CNN for CelebA). The
-real side is the held-out test set reweighted to the arm's own group share p̂ (test image i of group
-g weighs p̂_g / n_g): FID-C then measures image quality and FD the group share, the two axes of
-tradeoff.png, and real training vs real test images gives FID-C's floor. (FID_C_vs_balanced in
-metrics.json compares with the balanced test set as it is, so it counts a wrong share as well.)
-For cmnist the digit CNN sees gray images, so the foreground's mean color (3 numbers) is appended,
-scaled to carry the same total variance on real test images as the CNN features: an off-palette
-hue costs FID-C. FID-C is not Inception-FID; never compare the two.
+on the penultimate layer of the evaluation CNN (digit CNN for MNIST, gender CNN for CelebA). The real
+side is the held-out test set reweighted to the arm's own group share (test image i of group g weighs
+p̂_g / n_g), so FID-C measures image quality and FD the group share: the two axes of tradeoff.png,
+and real training vs real test images is FID-C's floor. (`FID_C_vs_balanced` in metrics.json uses the
+balanced test set as it is, so a wrong share costs it too.) The digit CNN sees gray images, so for
+cmnist the foreground's mean color (3 numbers) is appended, scaled to the same total variance on
+real test images as the CNN features: an off-palette hue costs FID-C. Not Inception-FID: never
+compare the two.
 """
 import argparse
 import json
@@ -58,11 +58,11 @@ from tqdm import tqdm
 from data import COLORS, DataConfig, biased_indices, load
 
 FOREGROUND = 0.5         # a pixel whose brightest channel is ≥ this (of 1) belongs to the digit
-CONFIDENT = 0.9          # softmax probability for "a confidently recognised digit"
+CONFIDENT = 0.9          # softmax probability of "a confidently recognised digit"
 N_BOOT = 1000            # bootstrap resamples
-MAX_REFERENCE = 10_000   # real images used for the reference features (per split)
+MAX_REFERENCE = 10_000   # real images per split behind the reference features
 BATCH = 1000             # images per classifier forward pass
-EPOCHS = {"digit": 3, "celeba": 15}   # classifier training epochs (get_evaluator's epochs overrides)
+EPOCHS = {"digit": 3, "celeba": 15}   # classifier training epochs; get_evaluator(epochs=) overrides
 
 
 # ------------------------------------------------------------------------------------ classifiers
@@ -75,19 +75,18 @@ class ConvNet(nn.Module):
         for w in widths:
             layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
             c = w
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-                                  nn.Linear(c * 16, dim), nn.ReLU())
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c * 16, dim), nn.ReLU())
         self.head = nn.Linear(dim, num_classes)
 
-    def features(self, x):            # x: float in [0, 1], [B, C, H, W]
-        return self.body(x * 2 - 1)   # [B, 128]
+    def features(self, x):                      # x float in [0, 1], [B, C, H, W]
+        return self.body(x * 2 - 1)             # [B, 128]
 
     def forward(self, x):
-        return self.head(self.features(x))  # [B, num_classes]
+        return self.head(self.features(x))      # [B, num_classes]
 
 
 def train_classifier(net, images, targets, *, epochs, device, seed=0, flip=False, desc="classifier"):
-    """Adam + one-cycle schedule, batch 256, seeded order; images uint8 [N, C, H, W] on the CPU."""
+    """Adam with a one-cycle schedule, batch 256, seeded order; images uint8 [N, C, H, W]."""
     gen = torch.Generator().manual_seed(seed)
     net.to(device).train()
     batch = min(256, len(images))
@@ -97,7 +96,7 @@ def train_classifier(net, images, targets, *, epochs, device, seed=0, flip=False
     bar = tqdm(total=epochs * per_epoch, desc=f"training {desc}", leave=False)
     for _ in range(epochs):
         for idx in torch.randperm(len(images), generator=gen)[:per_epoch * batch].split(batch):
-            x = images[idx].to(device).float() / 255                   # [B, C, H, W]
+            x = images[idx].to(device).float() / 255                       # [B, C, H, W]
             if flip:  # mirror half the faces: a free augmentation for a small training set
                 mirror = (torch.rand(len(x), generator=gen) < 0.5).to(device)
                 x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
@@ -114,7 +113,7 @@ def train_classifier(net, images, targets, *, epochs, device, seed=0, flip=False
 
 @torch.inference_mode()
 def predict(net, images, device):
-    """-> (probabilities float [N, classes], features float [N, 128]) on the CPU, in batches."""
+    """uint8 [N, C, H, W] -> (softmax [N, classes], features [N, 128]) on the CPU, in batches."""
     probs, feats = [], []
     for x in images.split(BATCH):
         f = net.features(x.to(device).float() / 255)
@@ -124,9 +123,9 @@ def predict(net, images, device):
 
 
 def cached_classifier(path: Path, in_channels, num_classes, train, test, *, epochs, device, flip=False, seed=0):
-    """Load `path`, or train a ConvNet (seeded) on train() = (uint8 images, targets), measure its
-    accuracy on test = (images, targets) and save {weights, accuracy} atomically. -> (net, accuracy)."""
-    with torch.random.fork_rng(devices=[]):      # seed the initial weights, leave the global RNG alone
+    """Load `path`, or train a seeded ConvNet on train() = (uint8 images, targets), measure its accuracy
+    on test = (images, targets) and save {weights, accuracy} atomically. -> (net, accuracy)."""
+    with torch.random.fork_rng(devices=[]):     # seeded initial weights; the caller's RNG is untouched
         torch.manual_seed(seed)
         net = ConvNet(in_channels, num_classes)
     if path.exists():
@@ -142,22 +141,18 @@ def cached_classifier(path: Path, in_channels, num_classes, train, test, *, epoc
     return net, accuracy
 
 
-def palette(cfg: DataConfig) -> torch.Tensor:
-    return torch.tensor([COLORS[c] for c in cfg.colors.split(",")], dtype=torch.float32) / 255  # [K, 3]
-
-
 def foreground_color(images) -> torch.Tensor:
-    """Mean over foreground pixels of RGB / max(RGB): exactly the palette color for real cmnist.
-    images uint8 [N, 3, H, W] -> float [N, 3] (zeros when an image has no foreground pixel)."""
-    x = images.float() / 255                                           # [N, 3, H, W]
-    value = x.amax(1, keepdim=True)                                    # [N, 1, H, W]
+    """Mean over foreground pixels of RGB / max(RGB): exactly the palette color on real cmnist images.
+    uint8 [N, 3, H, W] -> float [N, 3] (zeros for an image without foreground pixels)."""
+    x = images.float() / 255                                               # [N, 3, H, W]
+    value = x.amax(1, keepdim=True)                                        # [N, 1, H, W]
     fg = (value >= FOREGROUND).float()
-    chroma = x / value.clamp_min(1e-6)                                 # each pixel scaled to max 1
-    return (chroma * fg).sum((2, 3)) / fg.sum((2, 3)).clamp_min(1)     # [N, 3]
+    chroma = x / value.clamp_min(1e-6)                                     # every pixel scaled to max 1
+    return (chroma * fg).sum((2, 3)) / fg.sum((2, 3)).clamp_min(1)         # [N, 3]
 
 
 class Evaluator:
-    """Reads group, class and features of uint8 images [N, 3, H, W] (any device) for one dataset."""
+    """Reads the group, class and features of uint8 images [N, 3, H, W] (on any device) of one dataset."""
 
     def __init__(self, data_cfg: DataConfig, nets: dict, accuracies: dict, device="cpu", color_scale=1.0):
         self.cfg, self.nets, self.accuracies = data_cfg, nets, accuracies
@@ -165,33 +160,29 @@ class Evaluator:
         self.num_groups = len(data_cfg.colors.split(",")) if data_cfg.dataset == "cmnist" else 2
         if self.num_groups < 2:
             raise ValueError(f"--colors {data_cfg.colors!r} names one group; fairness needs at least two")
-        self.memo = {}  # real-data features, filled by real_features()
+        self.palette = torch.tensor([COLORS[c] for c in data_cfg.colors.split(",")]) / 255  # [K, 3]
+        self.memo = {}                                                     # real_features' cache
 
-    def _check(self, images):
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
-        return images.cpu()
-
-    def _digits(self, images):           # the digit CNN on gray = max over RGB
+    def _digits(self, images):                  # the digit CNN on gray = max over RGB
         return predict(self.nets["digit"], images.amax(1, keepdim=True), self.device)
 
     def groups(self, images) -> torch.Tensor:
-        """int64 [N]: group index, -1 = no group (cmnist: no foreground; mnist-pair: another digit)."""
-        images = self._check(images)
+        """int64 [N]: the group, -1 = none (cmnist: no foreground; mnist-pair: another digit)."""
+        images = check_images(images)
         if self.cfg.dataset == "cmnist":
-            color = foreground_color(images)                                  # [N, 3]
-            group = torch.cdist(color, palette(self.cfg)).argmin(1)           # nearest palette color
-            return torch.where(color.amax(1) > 0, group, -1)
+            color = foreground_color(images)                                # [N, 3]
+            nearest = torch.cdist(color, self.palette).argmin(1)            # [N]
+            return torch.where(color.amax(1) > 0, nearest, -1)
         if self.cfg.dataset == "mnist-pair":
             return self.classes(images)[0]
         return predict(self.nets["gender"], images, self.device)[0].argmax(1)
 
     def classes(self, images):
-        """(pred int64 [N], confidence float [N]): the digit (cmnist), the group (mnist-pair; -1 for
-        another digit) or cond_attr present (celeba)."""
-        images = self._check(images)
-        probs = self._digits(images)[0] if self.cfg.dataset != "celeba" else \
-            predict(self.nets["attr"], images, self.device)[0]                # [N, classes]
+        """(pred int64 [N], confidence float [N]): the digit (cmnist), the group (mnist-pair, -1 for
+        another digit) or whether cond_attr is present (celeba)."""
+        images = check_images(images)
+        net = self.nets.get("attr")
+        probs = predict(net, images, self.device)[0] if net else self._digits(images)[0]   # [N, classes]
         confidence, pred = probs.max(1)
         if self.cfg.dataset == "mnist-pair":
             to_group = torch.full((10,), -1)
@@ -200,17 +191,17 @@ class Evaluator:
         return pred, confidence
 
     def features(self, images) -> torch.Tensor:
-        """float [N, D]: the CNN's penultimate layer (+ scaled foreground color for cmnist)."""
-        images = self._check(images)
+        """float [N, D]: the CNN's penultimate layer (cmnist: + the scaled foreground color)."""
+        images = check_images(images)
         if self.cfg.dataset == "celeba":
-            return predict(self.nets["gender"], images, self.device)[1]       # [N, 128]
-        feats = self._digits(images)[1]                                       # [N, 128]
+            return predict(self.nets["gender"], images, self.device)[1]     # [N, 128]
+        feats = self._digits(images)[1]                                     # [N, 128]
         if self.cfg.dataset == "cmnist":
             feats = torch.cat([feats, self.color_scale * foreground_color(images)], 1)  # [N, 131]
         return feats
 
     def real_features(self, cfg: DataConfig, split: str):
-        """(features [M, D], true group [M]) of up to MAX_REFERENCE real images (seeded subset), cached."""
+        """(features [M, D], true group [M]) of up to MAX_REFERENCE real images (seeded pick), cached."""
         key = (split, *vars(cfg).values())
         if key not in self.memo:
             real = load(cfg, split)
@@ -219,14 +210,15 @@ class Evaluator:
         return self.memo[key]
 
 
-def gray_digits(split):
-    """-> (uint8 [N, 1, 32, 32] = max over RGB, digit [N]): what the digit CNN sees."""
-    return split.images.amax(1, keepdim=True), split.label
+def check_images(images) -> torch.Tensor:
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+    return images.cpu()
 
 
 def get_evaluator(data_cfg: DataConfig, runs_dir="runs", device=None, epochs=None) -> Evaluator:
-    """Train (once, cached under runs_dir/<dataset>/eval/) or load the dataset's classifiers.
-    epochs: None = the defaults in EPOCHS; fewer for a quick, less accurate "tiny" evaluator."""
+    """Train (once, cached in runs_dir/<dataset>/eval/) or load the dataset's classifiers.
+    epochs: None = EPOCHS; fewer gives a quicker, less accurate evaluator (the tiny preset)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     folder = Path(runs_dir) / data_cfg.dataset / "eval"
     if data_cfg.dataset == "celeba":
@@ -241,19 +233,21 @@ def get_evaluator(data_cfg: DataConfig, runs_dir="runs", device=None, epochs=Non
                 (test.images, getattr(test, target)), epochs=n_epochs, device=device, flip=True)
         return Evaluator(data_cfg, nets, accuracies, device)
 
-    # MNIST: every digit image, colored or not, reaches the CNN as gray = max over RGB
+    # MNIST: every digit image, colored or gray, reaches the CNN as gray = max over RGB
     mnist = replace(DataConfig(), dataset="cmnist", data_root=data_cfg.data_root, download=data_cfg.download,
                     bias=0.5, colors=data_cfg.colors if data_cfg.dataset == "cmnist" else "red,green")
-    test = load(mnist, "test")
+    test = load(mnist, "test")                                              # all 10,000, balanced colors
+
+    def gray(split):                            # what the digit CNN sees: uint8 [N, 1, 32, 32], digit [N]
+        return split.images.amax(1, keepdim=True), split.label
     n_epochs = epochs or EPOCHS["digit"]
-    net, digit_accuracy = cached_classifier(
-        folder / f"digit_e{n_epochs}.pt", 1, 10,
-        lambda: gray_digits(load(mnist, "train")), gray_digits(test), epochs=n_epochs, device=device)
-    evaluator = Evaluator(data_cfg, {"digit": net}, {"digit": digit_accuracy}, device)
+    net, accuracy = cached_classifier(folder / f"digit_e{n_epochs}.pt", 1, 10, lambda: gray(load(mnist, "train")),
+                                      gray(test), epochs=n_epochs, device=device)
+    evaluator = Evaluator(data_cfg, {"digit": net}, {"digit": accuracy}, device)
     if data_cfg.dataset == "cmnist":
-        evaluator.accuracies["color (from pixels)"] = (evaluator.groups(test.images) == test.group).float().mean().item()
-        # scale the 3 color numbers to the CNN features' total variance (on real test images)
-        cnn, color = evaluator._digits(test.images)[1], foreground_color(test.images)
+        color_right = evaluator.groups(test.images) == test.group
+        evaluator.accuracies["color (from pixels)"] = color_right.double().mean().item()
+        cnn, color = evaluator._digits(test.images)[1], foreground_color(test.images)   # [M, 128], [M, 3]
         evaluator.color_scale = math.sqrt(cnn.var(0).sum() / color.var(0).sum().clamp_min(1e-12))
     return evaluator
 
@@ -275,17 +269,16 @@ def fd_l2(p: torch.Tensor) -> torch.Tensor:
     return (p - 1 / p.shape[-1]).norm(dim=-1)
 
 
-def bootstrap(groups, num_groups, n_boot=N_BOOT, seed=0):
-    """Percentile-bootstrap 95% CIs -> {'p_hat': [K, 2], 'FD_half_l1': [2], 'FD_l2': [2]}."""
+def bootstrap(groups, num_groups, n_boot=N_BOOT, seed=0) -> dict:
+    """Percentile-bootstrap 95% CIs: {'p_hat': [K, 2], 'FD_half_l1': [2], 'FD_l2': [2]}."""
     groups = groups[groups >= 0]
     n, gen = len(groups), torch.Generator().manual_seed(seed)
-    resampled = groups[torch.randint(max(n, 1), (n_boot, n), generator=gen)]              # [B, N]
+    resampled = groups[torch.randint(max(n, 1), (n_boot, n), generator=gen)]             # [B, N]
     counts = torch.zeros(n_boot, num_groups, dtype=torch.float64)
-    counts.scatter_add_(1, resampled, torch.ones_like(resampled, dtype=torch.float64))     # [B, K]
-    p = counts / max(n, 1)                                                                 # [B, K]
+    counts.scatter_add_(1, resampled, torch.ones_like(resampled, dtype=torch.float64))    # [B, K]
+    p = counts / max(n, 1)                                                                # [B, K]
     q = torch.tensor([0.025, 0.975], dtype=torch.float64)
-    return {"p_hat": p.quantile(q, dim=0).T, "FD_half_l1": fd_half_l1(p).quantile(q),
-            "FD_l2": fd_l2(p).quantile(q)}
+    return {"p_hat": p.quantile(q, dim=0).T, "FD_half_l1": fd_half_l1(p).quantile(q), "FD_l2": fd_l2(p).quantile(q)}
 
 
 def spd(success) -> float:
@@ -295,40 +288,40 @@ def spd(success) -> float:
 
 
 def bias_score(counts: torch.Tensor) -> float:
-    """InvDiff's Bias_p = Σ_{i<j} |n_i − n_j| / N_p / (K(K−1)/2) for group counts n [K]."""
-    n = counts.double()
-    k = len(n)
+    """InvDiff's Bias_p = Σ_{i<j} |n_i − n_j| / N_p / (K(K−1)/2) for the group counts n [K]."""
+    n, k = counts.double(), len(counts)
     pairs = (n[:, None] - n[None, :]).abs().triu(1).sum()
     return (pairs / n.sum().clamp_min(1) / (k * (k - 1) / 2)).item()
 
 
 def moments(f: torch.Tensor, weights=None):
-    """Weighted mean [D] and unbiased covariance [D, D] of features f [N, D] in float64."""
+    """Weighted mean [D] and unbiased weighted covariance [D, D] of features f [N, D], in float64."""
     f = f.double()
-    w = torch.full((len(f),), 1 / len(f), dtype=torch.float64) if weights is None else weights.double() / weights.sum()
+    w = torch.ones(len(f), dtype=torch.float64) if weights is None else weights.double()
+    w = w / w.sum()                                                                    # [N]
     mu = w @ f
     x = f - mu
     return mu, (x.T * w) @ x / (1 - w.square().sum())
 
 
 def share_weights(groups: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Weights that give group g the share p_g: p_g / n_g for every member of g."""
+    """Weights that give group g the share p_g: p_g / n_g for each of its n_g members."""
     counts = torch.bincount(groups, minlength=len(p)).double()
     return p.double()[groups] / counts[groups]
 
 
 def frechet_distance(f1: torch.Tensor, f2: torch.Tensor, weights2=None) -> float:
-    """FID between Gaussians fitted to features f1 [N1, D] and f2 [N2, D] (rows weighted by weights2)."""
+    """FID between Gaussians fitted to features f1 [N1, D] and f2 [N2, D] (rows of f2 weighted)."""
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
-        raise ValueError(f"features must be [N ≥ 2, D] with the same D, got {tuple(f1.shape)} and {tuple(f2.shape)}")
+        raise ValueError(f"features must be [N ≥ 2, D] with one D, got {tuple(f1.shape)} and {tuple(f2.shape)}")
     return frechet_from_moments(*moments(f1), *moments(f2, weights2))
 
 
 def frechet_from_moments(mu1, s1, mu2, s2) -> float:
-    """‖μ₁ − μ₂‖² + tr S₁ + tr S₂ − 2 tr (S₁^½ S₂ S₁^½)^½. The middle matrix is symmetric PSD, so its
-    square root's trace is Σ √λ over its eigenvalues: two symmetric eigendecompositions, no sqrtm."""
+    """‖μ₁ − μ₂‖² + tr S₁ + tr S₂ − 2 tr (S₁^½ S₂ S₁^½)^½. The middle matrix is symmetric PSD, so the
+    trace of its square root is Σ √λ of its eigenvalues: two symmetric eigendecompositions, no sqrtm."""
     lam, vec = torch.linalg.eigh(s1)
-    root1 = vec @ torch.diag(lam.clamp_min(0).sqrt()) @ vec.T                 # S₁^½
+    root1 = vec @ torch.diag(lam.clamp_min(0).sqrt()) @ vec.T                          # S₁^½
     middle = root1 @ s2 @ root1
     trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
     return ((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * trace_root).item()
@@ -336,8 +329,8 @@ def frechet_from_moments(mu1, s1, mu2, s2) -> float:
 
 # ------------------------------------------------------------------------------ reference & arms
 def reference(evaluator: Evaluator, data_cfg: DataConfig, n: int = 2000) -> dict:
-    """The training data's own group share and its FD; FID-C of n real training images vs the real
-    test images reweighted to the training share: the floor for an arm of n samples."""
+    """The training data's own group share and FD; FID-C of n real training images vs the real test
+    images reweighted to the training share: the floor for an arm of n samples."""
     train = load(data_cfg, "train")
     p = group_shares(train.group, evaluator.num_groups)
     train_features, _ = evaluator.real_features(data_cfg, "train")
@@ -348,8 +341,8 @@ def reference(evaluator: Evaluator, data_cfg: DataConfig, n: int = 2000) -> dict
 
 
 def pooled_images(arm: dict, per_condition: int = None) -> torch.Tensor:
-    """The images p̂, FD and FID-C are computed on: `images`, else all `class_images`, else all
-    `cond_images` (the first per_condition of each condition, if given)."""
+    """What p̂, FD and FID-C are computed on: `images`, else all `class_images`, else all `cond_images`
+    (only the first per_condition of each condition, if given)."""
     if arm.get("images") is not None:
         return arm["images"]
     by_condition = arm.get("class_images") or arm.get("cond_images")
@@ -362,10 +355,10 @@ def evaluate_arm(arm: dict, evaluator: Evaluator, real) -> dict:
     """Every metric the arm's images allow (SPD needs cond_images; Bias and cond_acc class_images).
     real = (test features, test groups) from Evaluator.real_features."""
     pool, k = pooled_images(arm), evaluator.num_groups
-    groups = evaluator.groups(pool)                                                     # [N]
+    groups = evaluator.groups(pool)                                                      # [N]
     p, ci = group_shares(groups, k), bootstrap(groups, k)
     features, (test_features, test_groups) = evaluator.features(pool), real
-    matched = p if p.sum() > 0 else torch.full((k,), 1 / k)     # no sample in a group: compare to balanced
+    matched = p if p.sum() > 0 else torch.full((k,), 1 / k)      # no sample in any group: balanced
     out = {"name": arm["name"], "n": len(pool), "no_group": (groups < 0).double().mean().item(),
            "p_hat": p.tolist(), "p_hat_ci": ci["p_hat"].tolist(),
            "FD_half_l1": fd_half_l1(p).item(), "FD_half_l1_ci": ci["FD_half_l1"].tolist(),
@@ -376,7 +369,7 @@ def evaluate_arm(arm: dict, evaluator: Evaluator, real) -> dict:
         success = {}
         for a, images in arm["cond_images"].items():
             hit = evaluator.groups(images) == int(a)
-            if evaluator.cfg.dataset != "celeba":               # … and a confidently recognised digit
+            if evaluator.cfg.dataset != "celeba":                # … and a confidently recognised digit
                 hit &= evaluator.classes(images)[1] >= CONFIDENT
             success[str(int(a))] = hit
         out["SPD"] = spd(list(success.values()))
@@ -385,13 +378,12 @@ def evaluate_arm(arm: dict, evaluator: Evaluator, real) -> dict:
         bias, fd, correct = {}, {}, []
         for c, images in arm["class_images"].items():
             groups = evaluator.groups(images)
-            counts = torch.bincount(groups[groups >= 0], minlength=k)                  # [K]
-            bias[str(int(c))] = bias_score(counts)
+            bias[str(int(c))] = bias_score(torch.bincount(groups[groups >= 0], minlength=k))
             fd[str(int(c))] = fd_half_l1(group_shares(groups, k)).item()
             correct.append(evaluator.classes(images)[0] == int(c))
         values = torch.tensor(list(bias.values()), dtype=torch.float64)
-        out.update(Bias_mean=values.mean().item(), Bias_std=values.std(correction=0).item(),
-                   Bias_per_class=bias, FD_half_l1_per_class=fd, cond_acc=torch.cat(correct).double().mean().item())
+        out.update(Bias_mean=values.mean().item(), Bias_std=values.std(correction=0).item(), Bias_per_class=bias,
+                   FD_half_l1_per_class=fd, cond_acc=torch.cat(correct).double().mean().item())
     out.update({key: value for key, value in arm.items() if key not in ("images", "cond_images", "class_images")})
     return out
 
@@ -399,11 +391,11 @@ def evaluate_arm(arm: dict, evaluator: Evaluator, real) -> dict:
 def evaluate_arms(arms, evaluator: Evaluator, data_cfg: DataConfig, out_dir, *, method, preset, device_name,
                   extra=None) -> dict:
     """Evaluate each arm; write metrics.json, report.md, tradeoff.png, samples_<arm>.png and samples.png
-    to out_dir; print the table. extra: more top-level fields for metrics.json (e.g. the run config)."""
+    to out_dir and print the table. extra: more top-level fields for metrics.json (e.g. the config)."""
     metrics = {"dataset": data_cfg.dataset, "device": device_name, "preset": preset, "method": method,
                "classifiers": dict(evaluator.accuracies)}
     if not arms:
-        raise ValueError("evaluate_arms got no arms; pass a list of at least 1 arm dict")
+        raise ValueError("evaluate_arms got no arms; pass a list of at least one arm dict")
     if set(extra or {}) & {*metrics, "reference", "arms"}:
         raise ValueError(f"extra fields {sorted(extra)} reuse metrics.json's own keys; rename them")
     out_dir = Path(out_dir)
@@ -422,23 +414,23 @@ def evaluate_arms(arms, evaluator: Evaluator, data_cfg: DataConfig, out_dir, *, 
 
 # -------------------------------------------------------------------------------------- reporting
 DEFINITIONS = [
-    "FD_half_l1 = ½ Σ_k |p̂_k − 1/K| (= |p̂_0 − 0.5| for two groups), FD_l2 = ‖p̂ − u‖₂; p̂ leaves out samples "
-    "in no group (`no_group` in metrics.json); 95% CIs: percentile bootstrap, 1000 resamples.",
+    "FD_half_l1 = ½ Σ_k |p̂_k − 1/K| (= |p̂_0 − 0.5| for two groups), FD_l2 = ‖p̂ − u‖₂; p̂ leaves out samples in "
+    "no group (`no_group` in metrics.json); 95% CIs by the percentile bootstrap, 1000 resamples.",
     "SPD = max_a P(success | cond = a) − min_a P(success | cond = a); success = the sample is classified as the "
     "requested group (MNIST: and recognised as a digit with softmax ≥ 0.9).",
     "Bias = InvDiff's Σ_{i<j} |n_i − n_j| / N_p / (K(K−1)/2) per class condition p, mean ± std over conditions; "
-    "cond acc = share of class-conditional samples classified as the requested class.",
-    "FID-C = Fréchet distance of the evaluation classifier's penultimate features (cmnist: plus the foreground "
-    "color) to real test images reweighted to the arm's group share; not Inception-FID, never compare the two."]
-TABLE_KEYS = {"name", "n", "no_group", "p_hat", "p_hat_ci", "FD_half_l1", "FD_half_l1_ci", "FD_l2", "FD_l2_ci",
-              "FID_C", "FID_C_vs_balanced", "SPD", "success_rate", "Bias_mean", "Bias_std", "Bias_per_class",
-              "FD_half_l1_per_class", "cond_acc"}
+    "cond acc = the share of class-conditional samples classified as the requested class.",
+    "FID-C = Fréchet distance of the evaluation classifier's penultimate features (cmnist: and foreground color) "
+    "to real test images reweighted to the arm's group share; not Inception-FID, never compare the two."]
+METRIC_KEYS = {"name", "n", "no_group", "p_hat", "p_hat_ci", "FD_half_l1", "FD_half_l1_ci", "FD_l2", "FD_l2_ci",
+               "FID_C", "FID_C_vs_balanced", "SPD", "success_rate", "Bias_mean", "Bias_std", "Bias_per_class",
+               "FD_half_l1_per_class", "cond_acc"}
 
 
 def format_table(metrics: dict) -> str:
-    """Markdown, one row per arm: method fields (e.g. alpha) first; '–' where a metric does not apply."""
+    """Markdown, one row per arm, method fields (e.g. alpha) first; '–' where a metric does not apply."""
     arms, names = metrics["arms"], metrics["reference"]["group_names"]
-    fields = [key for key in dict.fromkeys(key for arm in arms for key in arm) if key not in TABLE_KEYS
+    fields = [key for key in dict.fromkeys(key for arm in arms for key in arm) if key not in METRIC_KEYS
               and all(isinstance(arm.get(key), (int, float, str, type(None))) for arm in arms)]
 
     def cell(value, digits=3):
@@ -465,14 +457,15 @@ def report(metrics: dict) -> str:
         f"# {metrics['method']} on {metrics['dataset']} (preset {metrics['preset']}, {metrics['device']})",
         format_table(metrics),
         f"Reference lines: the training data's own group share ({shares}) has FD_half_l1 = "
-        f"{ref['train_FD_half_l1']:.3f} and FD_l2 = {ref['train_FD_l2']:.3f}; real training vs real test images "
-        f"(N = {ref['FID_C_floor_n']}) score FID-C = {ref['FID_C_floor']:.2f}, the floor.",
+        f"{ref['train_FD_half_l1']:.3f} and FD_l2 = {ref['train_FD_l2']:.3f}; {ref['FID_C_floor_n']} real training "
+        f"images vs the real test images score FID-C = {ref['FID_C_floor']:.2f}, the floor.",
         f"Held-out accuracy of the evaluation classifiers: {accuracies}.",
-        "\n".join(f"- {line}" for line in DEFINITIONS), "![trade-off](tradeoff.png)", "![samples](samples.png)"]) + "\n"
+        "\n".join(f"- {line}" for line in DEFINITIONS),
+        "![trade-off](tradeoff.png)", "![samples](samples.png)"]) + "\n"
 
 
 def plot_tradeoff(metrics: dict, path: Path):
-    """FD_half_l1 (with its 95% CI) against FID-C, one labelled point per arm, reference lines dashed."""
+    """FD_half_l1 (with its 95% CI) against FID-C, one labelled point per arm, reference lines in gray."""
     fig = Figure(figsize=(5.5, 4.5), tight_layout=True)
     ax = fig.add_subplot()
     for arm in metrics["arms"]:
@@ -487,12 +480,12 @@ def plot_tradeoff(metrics: dict, path: Path):
 
 
 def plot_samples(arms, out_dir: Path, n=64):
-    """samples_<arm>.png: an 8×8 grid per arm; samples.png: all arms side by side, titled."""
+    """samples_<arm>.png: an 8×8 grid per arm (conditions mixed); samples.png: all arms side by side."""
     fig = Figure(figsize=(3 * len(arms), 3.3), tight_layout=True)
     for i, arm in enumerate(arms):
         conditions = len(arm.get("class_images") or arm.get("cond_images") or [0])
-        images = pooled_images(arm, per_condition=-(-n // conditions))[:n]               # [≤ 64, 3, H, W]
-        grid = make_grid(images.cpu().float() / 255, nrow=8, padding=1)                 # [3, H', W']
+        images = pooled_images(arm, per_condition=-(-n // conditions))[:n]                 # [≤ 64, 3, H, W]
+        grid = make_grid(images.cpu().float() / 255, nrow=8, padding=1)                   # [3, H', W']
         save_image(grid, out_dir / f"samples_{re.sub(r'[^A-Za-z0-9._=-]+', '_', arm['name'])}.png")
         ax = fig.add_subplot(1, len(arms), i + 1)
         ax.imshow(grid.permute(1, 2, 0).numpy())
@@ -503,7 +496,7 @@ def plot_samples(arms, out_dir: Path, n=64):
 
 # -------------------------------------------------------------------------------------------- CLI
 def main(argv=None):
-    """python evaluate.py --run runs/cmnist/<stage>: sample --n images, evaluate them as one arm."""
+    """python evaluate.py --run runs/cmnist/<stage>: sample --n images and evaluate them as one arm."""
     p = argparse.ArgumentParser(description="sample a trained model and evaluate it as one arm")
     p.add_argument("--run", required=True, help="a run folder, e.g. runs/cmnist/base")
     p.add_argument("--n", type=int, default=2000, help="samples to draw")
@@ -516,13 +509,13 @@ def main(argv=None):
             raise FileNotFoundError(f"--run {a.run} is not a folder; pass a trained run such as runs/cmnist/base")
         if a.n < 2:
             raise ValueError(f"--n {a.n} must be at least 2 (FID-C needs a covariance)")
-        from ddpm import load_pipeline   # imported here so evaluate.py works without ddpm.py
+        from ddpm import load_pipeline          # here, so that evaluate.py imports without ddpm.py
         device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = load_pipeline(a.run, device)
         evaluator = get_evaluator(pipe.data_cfg, a.runs_dir, device)
         arm = {"name": Path(a.run).name, "images": pipe.sample(a.n, seed=a.seed)}
         evaluate_arms([arm], evaluator, pipe.data_cfg, Path(a.run) / "eval", method=Path(a.run).name,
-                      preset=pipe.preset, device_name=device, extra={"run": a.run, "n": a.n, "seed": a.seed})
+                      preset=pipe.preset, device_name=device, extra={"run": str(a.run), "n": a.n, "seed": a.seed})
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

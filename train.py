@@ -55,13 +55,18 @@ class ConfigError(ValueError):
     """A bad flag, file or state; the CLI prints its one line and exits 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through main_guard instead of usage + message
+        raise ConfigError(f"{message} (see --help)")
+
+
 def parse_config(cls, presets: dict, argv=None, description=""):
     """Build argparse from the dataclass fields, apply the preset, then the explicit flags.
 
     Flags are the field names with '-' for '_'; booleans take true/false; a preset is a dict of
     field values (`--preset tiny|small|full`, default small on a GPU and tiny otherwise).
     Returns (cfg, args) where args also holds --preset, --fresh, --runs and --device."""
-    p = argparse.ArgumentParser(description=description)
+    p = _Parser(description=description)
     p.add_argument("--preset", choices=PRESETS, default=None)
     p.add_argument("--fresh", action="store_true", help="retrain every stage instead of reusing")
     p.add_argument("--runs", default="runs", help="where run directories go")
@@ -81,6 +86,13 @@ def parse_config(cls, presets: dict, argv=None, description=""):
     print(f"preset {args.preset} on {args.device}"
           + ("" if args.device.startswith("cuda") else " (no GPU: use --preset small on a GPU)"))
     return cfg, args
+
+
+def check_train_config(cfg: TrainConfig):
+    """Called before any stage trains, so a bad flag fails at once, not after the autoencoder."""
+    if cfg.steps < 0 or cfg.batch_size <= 0 or cfg.lr <= 0:
+        raise ConfigError(f"--steps {cfg.steps} must be >= 0, --batch-size {cfg.batch_size} and "
+                          f"--lr {cfg.lr} > 0")
 
 
 def explicit_flags(cls, args) -> dict:
@@ -148,7 +160,7 @@ def _comparable(cfg) -> dict:
 def check_writable(folder: Path):
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
+        probe = folder / f".write-test-{os.getpid()}"       # one per process: torchrun's ranks race
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -221,9 +233,7 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
     config matches `stage_cfg` (default cfg). Leaves the EMA weights in `model` and returns
     {"step", "loss", "seconds", "img_per_s"}. sample_fn(model, out) is called with EMA weights at
     every checkpoint (e.g. to write samples.png)."""
-    if cfg.steps < 0 or cfg.batch_size <= 0 or cfg.lr <= 0:
-        raise ConfigError(f"--steps {cfg.steps} must be >= 0, --batch-size {cfg.batch_size} and "
-                          f"--lr {cfg.lr} > 0")
+    check_train_config(cfg)
     stage_cfg = stage_cfg or cfg
     rank, world = distributed()
     out = Path(out)
@@ -242,6 +252,9 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
         sched.load_state_dict(state["sched"])
         for s, v in zip(ema.shadow, state["ema"]):
             s.copy_(v)
+        if len(state["gen"]) != world:
+            raise ConfigError(f"checkpoint {ckpt} was written by {len(state['gen'])} processes, not {world}; "
+                              f"resume with as many or pass --fresh")
         gen.set_state(state["gen"][rank].to("cpu") if cuda else state["gen"][rank])
         step = state["step"]
         if step < cfg.steps and rank == 0:
@@ -290,6 +303,10 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
         loss_sum += loss.detach().float()
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps or step % cfg.ckpt_every == 0:
+            if world > 1:  # the global batch's loss (not rank 0's share); every rank stops together
+                total = torch.stack([loss_sum / world, (~finite).float()])
+                dist.all_reduce(total)
+                loss_sum, finite = total[0], total[1] == 0
             if not finite:  # stop before the next checkpoint: the last good one stays intact
                 raise FloatingPointError(f"non-finite loss before step {step}; the last good "
                                          f"checkpoint {ckpt} is intact (lower --lr?)")
@@ -310,6 +327,8 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
     if log:
         log.close()
     seconds = time.perf_counter() - t_start
+    if world > 1:  # wait for rank 0's last checkpoint, so every rank returns its EMA weights
+        dist.barrier()
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(state["ema_model"])

@@ -4,12 +4,16 @@
     posterior   q(z | x) = N(μ, σ²)        (DiagonalGaussian: .sample(), .mode() = μ, .kl())
     decoder D:  z [B, c, H/f, W/f]          ->  x̂ [B, 3, H, W]
 
-    loss = mean |x − x̂|  +  kl_weight · Σ KL(q(z|x) ‖ N(0, I)) / (3·H·W)
+    loss = mean |x − x̂|  +  mean (x − x̂)²  +  kl_weight · Σ KL(q(z|x) ‖ N(0, I)) / (3·H·W)
 
 The KL is summed over latent elements and divided by the pixel count: that is LDM's ratio between
 its summed reconstruction and summed KL, so LDM's kl_weight = 1e-6 means the same here. No LPIPS or
-GAN term (both need downloaded weights and add instability at this scale). f = 2^(levels − 1):
-32 px -> 4×8×8 and 64 px -> 4×16×16 with the default three levels.
+GAN term (both need downloaded weights and add instability at this scale). LDM's pixel term is L1;
+we use the squared error because on mostly-black MNIST the L1 (median-seeking) autoencoder stalls at
+an all-black reconstruction for hundreds of steps, while the squared error learns the strokes. The squared term is
+there because with L1 alone the background's sign gradients win on mostly-black digits: the decoder
+sits at "all background" for hundreds of steps (the tiny preset reconstructed black images).
+f = 2^(levels − 1): 32 px -> 4×8×8 and 64 px -> 4×16×16 with the default three levels.
 
 Latent scale. The diffusion model wants latents of unit variance, so after training we measure
     scale = 1 / std(μ over the training images)
@@ -30,8 +34,8 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 import data
-from train import (ConfigError, TrainConfig, checkpoint, config_hash, load_checkpoint, main_guard,
-                   explicit_flags, parse_config, train)
+from train import (ConfigError, TrainConfig, check_train_config, checkpoint, config_hash, load_checkpoint,
+                   main_guard, explicit_flags, parse_config, seed_everything, train)
 
 
 @dataclass
@@ -42,7 +46,7 @@ class VAEConfig(data.DataConfig, TrainConfig):
 
 
 PRESETS = {
-    "tiny": dict(channels="16,32,32", steps=150, batch_size=32, lr=1e-3, n_train=2000, ckpt_every=150, warmup=20),
+    "tiny": dict(channels="16,32,32", steps=300, batch_size=32, lr=1e-3, n_train=2000, ckpt_every=300, warmup=20),
     "small": dict(channels="64,128,128", steps=3000, batch_size=128, lr=4e-4, ckpt_every=1000),
     "full": dict(channels="128,256,256", steps=15000, batch_size=128, lr=2e-4, ckpt_every=2500),
 }
@@ -84,8 +88,9 @@ class DiagonalGaussian:
 
 
 class Autoencoder(nn.Module):
-    def __init__(self, channels=(64, 128, 128), latent_channels=4):
+    def __init__(self, channels=(64, 128, 128), latent_channels=4, kl_weight=1e-6):
         super().__init__()
+        self.kl_weight = kl_weight
         ch = list(channels)
         # Encoder: conv -> [ResBlock, downsample] per level -> ResBlock -> (μ, log σ²)
         enc = [nn.Conv2d(3, ch[0], 3, padding=1)]
@@ -118,12 +123,13 @@ class Autoencoder(nn.Module):
         x = self.decode(z0 / self.scale).float()
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
-    def forward(self, x):
+    def forward(self, x, generator=None):
         """The training loss of a batch x [B, 3, H, W] in [-1, 1] (a scalar)."""
         posterior = self.encode(x)
-        x_hat = self.decode(posterior.sample())
+        x_hat = self.decode(posterior.sample(generator))
         pixels = x[0].numel()
-        return F.l1_loss(x_hat.float(), x.float()) + self.kl_weight * posterior.kl().mean() / pixels
+        x_hat, x = x_hat.float(), x.float()
+        return F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x) + self.kl_weight * posterior.kl().mean() / pixels
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -139,9 +145,7 @@ def vae_config(data_cfg: data.DataConfig, preset: str, **overrides) -> VAEConfig
 
 
 def build(cfg: VAEConfig) -> Autoencoder:
-    model = Autoencoder([int(c) for c in cfg.channels.split(",")], cfg.latent_channels)
-    model.kl_weight = cfg.kl_weight
-    return model
+    return Autoencoder([int(c) for c in cfg.channels.split(",")], cfg.latent_channels, cfg.kl_weight)
 
 
 def train_vae(cfg: VAEConfig, out: Path, device: str) -> Autoencoder:
@@ -149,12 +153,13 @@ def train_vae(cfg: VAEConfig, out: Path, device: str) -> Autoencoder:
     if cfg.kl_weight < 0:
         raise ConfigError(f"--kl-weight {cfg.kl_weight} must be >= 0")
     images = data.load(cfg, "train").images.to(device)    # uint8 [N, 3, H, W], resident on device
+    seed_everything(cfg.seed)                             # same seed ⇒ same initial weights
     model = build(cfg).to(device)
     fixed = images[:32]
 
     def loss_fn(net, step, gen):
         idx = torch.randint(len(images), (cfg.batch_size,), generator=gen, device=device)
-        return net(to_unit(images[idx]))
+        return net(to_unit(images[idx]), gen)        # the posterior noise too: a resume is exact
 
     def recon_grid(m, run):
         with torch.no_grad():
@@ -195,7 +200,9 @@ def load_vae(out: Path, device="cpu") -> Autoencoder:
 
 def ensure_vae(data_cfg: data.DataConfig, preset: str, runs: str, device: str, fresh=False, **overrides):
     """Find the autoencoder for this dataset and preset by its config hash, or train it."""
+    data.check_config(data_cfg)                           # fail on a bad flag before training anything
     cfg = vae_config(data_cfg, preset, **overrides)
+    check_train_config(cfg)
     out = Path(runs) / cfg.dataset / f"vae-{config_hash(cfg)}"
     if fresh and (out / "ckpt.pt").exists():
         (out / "ckpt.pt").unlink()

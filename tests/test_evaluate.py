@@ -25,8 +25,9 @@ from evaluate import (Evaluator, bias_score, bootstrap, evaluate_arm, evaluate_a
 torch.set_num_threads(min(4, os.cpu_count() or 1))
 REAL_ROOT = os.environ.get("FAIRDIFF_DATA", "")
 HAVE_MNIST = bool(REAL_ROOT) and (Path(REAL_ROOT) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists()
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # data.py, torchvision.io
-needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason="real MNIST not found: set FAIRDIFF_DATA to the data root")
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision.io
+NO_MNIST = "real MNIST not found: set FAIRDIFF_DATA to the data root"
+needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=NO_MNIST)
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -50,8 +51,10 @@ def write_mnist(root: Path, n_train=3000, n_test=600):
     raw.mkdir(parents=True)
     for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
         images, labels = synthetic_digits(n, seed)
-        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.numpy().tobytes())
-        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
+        header = struct.pack(">IIII", 2051, n, 28, 28)                    # the IDX format torchvision reads
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(header + images.numpy().tobytes())
+        header = struct.pack(">II", 2049, n)
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(header + labels.to(torch.uint8).numpy().tobytes())
     return root
 
 
@@ -70,7 +73,7 @@ def fake_evaluator(fake_root, tmp_path_factory):
 def real_evaluator(tmp_path_factory):
     """The digit CNN trained once per session on real MNIST, in a temporary runs dir."""
     if not HAVE_MNIST:
-        pytest.skip("real MNIST not found: set FAIRDIFF_DATA to the data root")
+        pytest.skip(NO_MNIST)
     runs = tmp_path_factory.mktemp("runs_real")
     return get_evaluator(DataConfig(dataset="cmnist", data_root=REAL_ROOT), runs, "cpu"), runs
 
@@ -162,7 +165,7 @@ def test_fid_of_diagonal_gaussians_matches_closed_form():
 def test_fid_trace_term_for_non_commuting_covariances():
     """tr (S1^½ S2 S1^½)^½ = Σ √λ(S1 S2): checked against the eigenvalues of the plain product."""
     gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(5, 5, generator=gen, dtype=torch.float64), torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    x, y = torch.randn(2, 5, 5, generator=gen, dtype=torch.float64)
     s1, s2 = x @ x.T + 0.1 * torch.eye(5), y @ y.T + 0.1 * torch.eye(5)
     trace_root = torch.linalg.eigvals(s1 @ s2).real.clamp_min(0).sqrt().sum()
     expected = (s1.trace() + s2.trace() - 2 * trace_root).item()
@@ -191,7 +194,8 @@ def test_fid_c_real_far_below_noise_real(real_evaluator):
     train, test = load(cfg, "train").images[:3000], load(cfg, "test").images[:3000]
     noise = torch.randint(0, 256, test.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     f_test = evaluator.features(test)
-    assert frechet_distance(evaluator.features(train), f_test) * 20 < frechet_distance(evaluator.features(noise), f_test)
+    real_vs_real = frechet_distance(evaluator.features(train), f_test)
+    assert real_vs_real * 20 < frechet_distance(evaluator.features(noise), f_test)
 
 
 # ---------------------------------------------------------------------------------------- readers
@@ -213,7 +217,7 @@ def test_color_group_from_pixels_is_exact_on_real_test_images(colors):
     assert torch.equal(Evaluator(cfg, {}, {}).groups(test.images), test.group)
 
 
-def test_digit_cnn_learns_synthetic_digits_and_is_cached(fake_evaluator, fake_root, tmp_path):
+def test_digit_cnn_learns_synthetic_digits_and_reads_digit_pairs(fake_evaluator, fake_root):
     assert fake_evaluator.accuracies["digit"] >= 0.95
     assert fake_evaluator.accuracies["color (from pixels)"] == 1.0
     pair = DataConfig(dataset="mnist-pair", data_root=str(fake_root), digits="2,7")
@@ -255,7 +259,8 @@ def test_celeba_readers_on_a_synthetic_folder(tmp_path, monkeypatch):
         (folder / name).write_bytes(encode_jpeg(image).numpy().tobytes())
         rows.append(f"{name} {1 if male else -1} {1 if smiling else -1}")
         parts.append(f"{name} {i // 30}")
-    (tmp_path / "celeba" / "list_attr_celeba.txt").write_text("\n".join([str(len(names)), " ".join(attributes), *rows]))
+    table = [str(len(names)), " ".join(attributes), *rows]
+    (tmp_path / "celeba" / "list_attr_celeba.txt").write_text("\n".join(table))
     (tmp_path / "celeba" / "list_eval_partition.txt").write_text("\n".join(parts))
     cfg = DataConfig(dataset="celeba", data_root=str(tmp_path))
     evaluator = get_evaluator(cfg, tmp_path / "runs", "cpu", epochs=1)
@@ -294,6 +299,8 @@ def test_evaluate_arms_writes_metrics_report_and_plots(fake_evaluator, fake_root
     first, second = saved["arms"]
     assert first["p_hat"] == [1.0, 0.0] and first["FD_half_l1"] == 0.5
     assert first["FD_l2"] == pytest.approx(0.5 * math.sqrt(2)) and first["alpha"] == 0.0
+    # real red digits: good quality against red test digits, far from the balanced test set
+    assert first["FID_C"] * 5 < first["FID_C_vs_balanced"]
     assert {"SPD", "Bias_mean", "Bias_std", "cond_acc", "FID_C", "p_hat_ci", "FD_half_l1_ci"} <= set(second)
     assert second["entropy_mean"] == 0.69
     rates = second["success_rate"]                       # real images of the requested color
@@ -310,7 +317,7 @@ def test_evaluate_arms_writes_metrics_report_and_plots(fake_evaluator, fake_root
 def test_errors_name_the_bad_value(fake_evaluator, tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         fake_evaluator.groups(torch.zeros(2, 3, 32, 32))
-    with pytest.raises(ValueError, match="same D"):
+    with pytest.raises(ValueError, match="one D"):
         frechet_distance(torch.zeros(10, 3), torch.zeros(10, 4))
     with pytest.raises(ValueError, match="no arms"):
         evaluate_arms([], fake_evaluator, fake_evaluator.cfg, tmp_path, method="m", preset="tiny", device_name="cpu")
@@ -332,3 +339,28 @@ def test_spd_success_needs_a_confident_digit(fake_evaluator, fake_root):
     arm = {"name": "cond", "cond_images": {g: test.images[test.group == g][:50] for g in (0, 1)}}
     out = evaluate_arm(arm, evaluator, evaluator.real_features(cfg, "test"))
     assert out["success_rate"] == {"0": 1.0, "1": 0.0} and out["SPD"] == 1.0
+
+
+def test_cli_samples_a_run_and_writes_its_report(fake_root, tmp_path, monkeypatch, capsys):
+    """The CLI against a stand-in for ddpm.load_pipeline that 'samples' real test images."""
+    import types
+    import evaluate
+    cfg = DataConfig(dataset="cmnist", data_root=str(fake_root))
+    test = load(cfg, "test")
+
+    class Pipeline:
+        data_cfg, preset = cfg, "tiny"
+
+        def sample(self, n, cond=None, seed=0):
+            return test.images[torch.randperm(len(test), generator=torch.Generator().manual_seed(seed))[:n]]
+    monkeypatch.setitem(sys.modules, "ddpm", types.SimpleNamespace(load_pipeline=lambda run_dir, device: Pipeline()))
+    run = tmp_path / "runs" / "cmnist" / "base"
+    run.mkdir(parents=True)
+    evaluate.main(["--run", str(run), "--n", "200", "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"])
+    saved = json.loads((run / "eval" / "metrics.json").read_text())
+    assert saved["preset"] == "tiny" and saved["n"] == 200 and saved["arms"][0]["n"] == 200
+    assert (tmp_path / "runs" / "cmnist" / "eval" / "digit_e3.pt").exists()
+    assert "| base |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--run", str(run), "--n", "1"])
+    assert stop.value.code == 2 and "--n 1" in capsys.readouterr().err
