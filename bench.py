@@ -21,6 +21,14 @@ diffusers' UNet2DModel (same resolution, widths, blocks, attention level, class 
 groups; the parameter counts are printed side by side) with the identical batch, precision and
 optimiser. diffusers is a benchmark-only dependency: without it the comparison is skipped.
 
+The JSON (rewritten after each config, so a cut-off run keeps what it measured):
+
+    {device, device_slug, peak_bf16_dense_flops, torch, diffusers (version or null), vae, options,
+     configs: {cmnist | celeba: {config, fairdiff, diffusers (with --compare):
+        {params, train_img_per_s, train_ms_per_step, train_peak_mem_gib, train_loss,
+         train_gflop_per_img, train_mfu, forward_gflop_per_img, decode_gflop_per_img,
+         sample_ddim | sample_ddpm: {steps, images, seconds, img_per_s, gflop_per_img, mfu, peak_mem_gib}}}}}
+
     python bench.py                                   # -> bench/<device>.json and a table
     python bench.py --compare diffusers --compile --channels-last
     python bench.py --quick --device cpu --out /tmp/bench.json   # tiny sizes: a smoke test
@@ -199,10 +207,10 @@ def bench_model(model, cfg, vae, num_classes, plan, args) -> dict:
            "train_loss": mean_loss(), "train_gflop_per_img": flops_train / 1e9,
            "train_mfu": mfu(cfg.batch_size / s_step * flops_train, args.peak)}
 
-    pipe = ddpm.Pipeline(cfg, vae, model, plan["preset"], device)          # puts the model in eval mode
+    net = torch.compile(model) if args.compile else model
+    pipe = ddpm.Pipeline(cfg, vae, net, plan["preset"], device)            # puts the model in eval mode
     if pipe.latent_shape != latent:
         raise ValueError(f"the {cfg.dataset} autoencoder gives latents {pipe.latent_shape}, not {latent}")
-    net = torch.compile(model) if args.compile else model
     n = plan["samples"]
     with torch.inference_mode():
         z = torch.randn((FLOP_BATCH, *latent), device=device)
@@ -216,7 +224,7 @@ def bench_model(model, cfg, vae, num_classes, plan, args) -> dict:
         steps = plan[f"{sampler}_steps"]
 
         def generate():
-            return pipe.sample(n, None, seed=0, steps=steps, sampler=sampler, model=net, batch_size=n)
+            return pipe.sample(n, None, seed=0, steps=steps, sampler=sampler, batch_size=n)
         reset_peak_memory(device)
         warmup = 1 if sampler == "ddim" else 0                         # DDIM's run warms DDPM's shapes
         seconds = median_seconds(generate, device, warmup, plan["sample_windows"], 1)
@@ -242,7 +250,7 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true", help="channels_last weights and latents")
     p.add_argument("--compare", choices=["diffusers"], default=None, help="also time diffusers' UNet2DModel")
     p.add_argument("--quick", action="store_true", help="tiny models and a few iterations (a smoke test)")
-    p.add_argument("--out", default=None, help="JSON path (default bench/<device>.json)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/<device>[-compile][-channels-last][-quick].json)")
     args = p.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = QUICK_BATCH if args.quick else 256
@@ -278,6 +286,10 @@ def main(argv=None):
                           "precision": "bf16 autocast" if args.device.startswith("cuda") else "fp32",
                           "optimizer": "AdamW (fused on CUDA), grad clip, EMA"},
               "configs": {}}
+    flags = [name for name, on in (("compile", args.compile), ("channels-last", args.channels_last),
+                                   ("quick", args.quick)) if on]
+    out = Path(args.out or f"bench/{'-'.join([info['device_slug'], *flags])}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{info['device']}, torch {torch.__version__}, batch {plan['batch_size']}"
           + (f", diffusers {compare}" if compare else ""))
     for dataset in args.datasets.split(","):
@@ -301,9 +313,11 @@ def main(argv=None):
                 raise ValueError(f"diffusers' UNet has {ratio:.2f}x our parameters: the configs do not match")
             entry["diffusers"] = bench_model(theirs, cfg, vae, K, plan, args)
         report["configs"][dataset] = entry
-    out = Path(args.out or f"bench/{info['device_slug']}{'-quick' if args.quick else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+        for name in ("fairdiff", "diffusers")[:1 + bool(compare)]:
+            r = entry[name]
+            print(f"  {dataset} {name}: train {r['train_img_per_s']:.0f} img/s, DDIM "
+                  f"{r['sample_ddim']['img_per_s']:.1f} img/s, DDPM {r['sample_ddpm']['img_per_s']:.2f} img/s")
+        out.write_text(json.dumps(report, indent=2) + "\n")         # after each config: partial runs count
     print(format_table(report))
     print(f"-> {out}")
     return report

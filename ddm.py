@@ -39,7 +39,8 @@ import torch.nn.functional as F
 import data
 import ddpm
 import evaluate
-from train import ConfigError, TrainConfig, config_hash, explicit_flags, main_guard, parse_config, train
+from train import (ConfigError, TrainConfig, config_hash, explicit_flags, local_batch, main_guard,
+                   parse_config, train)
 
 SCENARIOS = ("fd", "spd")
 
@@ -55,14 +56,16 @@ class DDMConfig(data.DataConfig, TrainConfig):
     n_samples: int = 2000                      # samples per arm (SPD: per group)
     guidance_scale: float = 2.0                # CFG scale in the SPD scenario
     report: str = ""                           # report folder (default runs/<dataset>/ddm)
+    train_only: bool = False                   # fine-tune the arms, skip sampling and the report
+                                               # (to train arms in parallel processes, then report)
 
 
 PRESETS = {
     "tiny": dict(alphas="0,0.5", steps=60, batch_size=64, lr=5e-4, n_train=2000, warmup=10,
                  ckpt_every=60, n_samples=200),
-    "small": dict(steps=1500, batch_size=256, lr=1e-4, ckpt_every=1500, warmup=50),
-    "full": dict(alphas="0,0.005,0.01,0.05,0.1,0.2,0.5", seeds="0,1,2", steps=5000, batch_size=256,
-                 lr=1e-4, ckpt_every=2500, n_samples=5000),
+    "small": dict(steps=500, batch_size=1024, lr=1e-4, ckpt_every=500, warmup=50),
+    "full": dict(alphas="0,0.005,0.01,0.05,0.1,0.2,0.5", seeds="0,1,2", steps=2000, batch_size=1024,
+                 lr=1e-4, ckpt_every=1000, n_samples=5000),
 }
 
 
@@ -150,7 +153,7 @@ def finetune(pipe, latents, arm_cfg: DDMConfig, alpha: float, scenario: str, out
     scheduler, null = model.scheduler, model.unet.num_classes
 
     def loss_fn(net, step, gen):
-        idx = torch.randint(len(z0), (arm_cfg.batch_size,), generator=gen, device=z0.device)
+        idx = torch.randint(len(z0), (local_batch(arm_cfg.batch_size),), generator=gen, device=z0.device)
         y = group[idx]                                             # used by the loss only
         cond = (ddpm.drop_labels(y, null, pipe.cfg.p_uncond, gen) if scenario == "spd"
                 else torch.full_like(y, null))
@@ -189,18 +192,20 @@ def run_sweep(cfg: DDMConfig, preset: str, runs: str, device: str, fresh=False, 
     pipe = ddpm.ensure_base(ddpm.base_config(data_cfg, preset), preset, runs, device, fresh)
     import vae as vae_lib
     latents = vae_lib.encode_dataset(pipe.vae, pipe.run_dir.parent / pipe.cfg.vae, data_cfg, device)
-    evaluator = evaluator or evaluate.get_evaluator(data_cfg, runs, device)
+    evaluator = None if cfg.train_only else (evaluator or evaluate.get_evaluator(data_cfg, runs, device))
     K = int(latents["group"].max()) + 1
     arms = []
     for scenario in scenarios:
         for seed in [int(s) for s in cfg.seeds.split(",")]:
             for alpha in alphas:
                 arm_cfg = replace(cfg, alphas=str(alpha), scenarios=scenario, seeds=str(seed), seed=seed,
-                                  report="")
+                                  report="", train_only=False)
                 out = Path(runs) / cfg.dataset / f"ddm-{scenario}-a{alpha:g}-s{seed}-{config_hash(arm_cfg)}-{pipe.run_dir.name}"
                 if fresh and (out / "ckpt.pt").exists():
                     (out / "ckpt.pt").unlink()
                 model = finetune(pipe, latents, arm_cfg, alpha, scenario, out)
+                if cfg.train_only:
+                    continue
                 arm = {"name": f"{scenario} α={alpha:g}" + (f" s{seed}" if "," in cfg.seeds else ""),
                        "scenario": scenario, "alpha": alpha, "seed": seed}
                 if scenario == "fd":  # unconditional: the sampler never sees y
@@ -216,6 +221,8 @@ def run_sweep(cfg: DDMConfig, preset: str, runs: str, device: str, fresh=False, 
                     arm["cond_images"] = per_group
                 arm["entropy_mean"], arm["entropy_std"] = indicator_entropy(model, z)
                 arms.append(arm)
+    if cfg.train_only:
+        return {}
     report = Path(cfg.report or Path(runs) / cfg.dataset / "ddm")
     metrics = evaluate.evaluate_arms(
         arms, evaluator, data_cfg, report, method="ddm", preset=preset, device_name=device_name(device),

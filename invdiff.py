@@ -99,6 +99,8 @@ SAMPLING_ONLY = ("arms", "samples_per_class", "guidance_scale", "sample_steps", 
 
 
 def check(cfg: InvDiffConfig):
+    if cfg.dataset == "mnist-pair":
+        raise ConfigError("--dataset mnist-pair: its class is its group, so nothing is left to hide; choose cmnist or celeba")
     for name, value, allowed in (("env-loss", cfg.env_loss, ENV_LOSSES), ("guidance-form", cfg.guidance_form, FORMS)):
         if value not in allowed:
             raise ConfigError(f"--{name} {value!r}; choose {' or '.join(allowed)}")

@@ -129,7 +129,7 @@ def main_guard(fn):
 def checkpoint(path: Path, state: dict):
     """Atomic: write to a temp file in the same folder, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")    # one per process: ranks may write the same file
     torch.save(state, tmp)
     os.replace(tmp, path)
 
@@ -288,7 +288,7 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=rank != 0, dynamic_ncols=True)
     finite = torch.ones((), dtype=torch.bool, device=device)
     loss_sum = torch.zeros((), device=device)
-    last_loss, t0, t_start, start = float("nan"), time.perf_counter(), time.perf_counter(), step
+    last_loss, t0, t_start, start, last_log = float("nan"), time.perf_counter(), time.perf_counter(), step, step
     model.train()
     while step < cfg.steps:
         with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
@@ -310,7 +310,7 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
             if not finite:  # stop before the next checkpoint: the last good one stays intact
                 raise FloatingPointError(f"non-finite loss before step {step}; the last good "
                                          f"checkpoint {ckpt} is intact (lower --lr?)")
-            n = (step - 1) % cfg.log_every + 1
+            n, last_log = step - last_log, step                    # steps summed since the last log
             last_loss = loss_sum.item() / n
             loss_sum.zero_()
             dt = time.perf_counter() - t0

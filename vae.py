@@ -8,11 +8,9 @@
 
 The KL is summed over latent elements and divided by the pixel count: that is LDM's ratio between
 its summed reconstruction and summed KL, so LDM's kl_weight = 1e-6 means the same here. No LPIPS or
-GAN term (both need downloaded weights and add instability at this scale). LDM's pixel term is L1;
-we use the squared error because on mostly-black MNIST the L1 (median-seeking) autoencoder stalls at
-an all-black reconstruction for hundreds of steps, while the squared error learns the strokes. The squared term is
-there because with L1 alone the background's sign gradients win on mostly-black digits: the decoder
-sits at "all background" for hundreds of steps (the tiny preset reconstructed black images).
+GAN term (both need downloaded weights and add instability at this scale). LDM's pixel term is L1
+alone; we add the squared error because on mostly-black MNIST the L1 (median-seeking) autoencoder
+stalls at an all-black reconstruction for hundreds of steps, while the squared error learns the strokes.
 f = 2^(levels − 1): 32 px -> 4×8×8 and 64 px -> 4×16×16 with the default three levels.
 
 Latent scale. The diffusion model wants latents of unit variance, so after training we measure
@@ -35,7 +33,7 @@ from torchvision.utils import save_image
 
 import data
 from train import (ConfigError, TrainConfig, check_train_config, checkpoint, config_hash, load_checkpoint,
-                   main_guard, explicit_flags, parse_config, seed_everything, train)
+                   local_batch, main_guard, explicit_flags, parse_config, seed_everything, train)
 
 
 @dataclass
@@ -47,7 +45,7 @@ class VAEConfig(data.DataConfig, TrainConfig):
 
 PRESETS = {
     "tiny": dict(channels="16,32,32", steps=300, batch_size=32, lr=1e-3, n_train=2000, ckpt_every=300, warmup=20),
-    "small": dict(channels="64,128,128", steps=3000, batch_size=128, lr=4e-4, ckpt_every=1000),
+    "small": dict(channels="64,128,128", steps=2000, batch_size=256, lr=5e-4, ckpt_every=1000),
     "full": dict(channels="128,256,256", steps=15000, batch_size=128, lr=2e-4, ckpt_every=2500),
 }
 GROUPS = 8   # GroupNorm groups (channels must be divisible by it)
@@ -158,7 +156,7 @@ def train_vae(cfg: VAEConfig, out: Path, device: str) -> Autoencoder:
     fixed = images[:32]
 
     def loss_fn(net, step, gen):
-        idx = torch.randint(len(images), (cfg.batch_size,), generator=gen, device=device)
+        idx = torch.randint(len(images), (local_batch(cfg.batch_size),), generator=gen, device=device)
         return net(to_unit(images[idx]), gen)        # the posterior noise too: a resume is exact
 
     def recon_grid(m, run):

@@ -7,6 +7,7 @@ torchvision's raw IDX layout (and the real one when FAIRDIFF_DATA has it); Celeb
 of JPEGs in the real layout."""
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's flat modules without installing
@@ -56,8 +58,10 @@ def write_mnist(root: Path, n_train=2400, n_test=400) -> Path:
     raw.mkdir(parents=True)
     for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
         images, labels = synthetic_mnist(n, seed)
-        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.numpy().tobytes())
-        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
+        header = struct.pack(">IIII", 2051, n, 28, 28)                       # IDX: magic, count, rows, cols
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(header + images.numpy().tobytes())
+        header = struct.pack(">II", 2049, n)
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(header + labels.to(torch.uint8).numpy().tobytes())
     return root
 
 
@@ -216,6 +220,19 @@ def test_sampler_given_the_true_noise_recovers_x0(sampler, prediction_type):
     assert torch.allclose(z0, x0, atol=1e-4)
 
 
+def test_ddim_eta_0_with_the_true_noise_walks_the_forward_process_backwards():
+    """Every DDIM (η = 0) step with the true ε lands on z_t' = √ᾱ_t' x0 + √(1−ᾱ_t') ε, same ε."""
+    sched = DDIMScheduler(eta=0.0)
+    sched.set_timesteps(7)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=gen(0)), torch.randn(3, 4, 8, 8, generator=gen(1))
+    z = sched.add_noise(x0, eps, torch.full((3,), int(sched.timesteps[0])))
+    for t in sched.timesteps.tolist():
+        z = sched.step(oracle(sched, x0)(z, torch.full((3,), t), None), t, z)
+        prev = sched.previous(t)
+        want = x0 if prev < 0 else sched.add_noise(x0, eps, torch.full((3,), prev))
+        assert torch.allclose(z, want, atol=1e-4), t
+
+
 def test_add_noise_at_t0_is_about_x0_and_at_T_minus_1_about_noise():
     sched = DDPMScheduler()
     x0, noise = torch.randn(64, 4, 8, 8, generator=gen(0)), torch.randn(64, 4, 8, 8, generator=gen(1))
@@ -302,7 +319,8 @@ def test_diagonal_gaussian_kl_mode_and_sample():
     assert torch.allclose(post.kl().double(), want, rtol=1e-5)
     assert torch.equal(post.mode(), moments[:, :4])
     assert torch.equal(post.sample(gen(1)), post.sample(gen(1)))
-    wide = vae.DiagonalGaussian(torch.cat([torch.full((1, 1, 200, 200), 1.5), torch.full((1, 1, 200, 200), math.log(0.25))], 1))
+    wide = vae.DiagonalGaussian(torch.cat([torch.full((1, 1, 200, 200), 1.5),               # μ = 1.5
+                                           torch.full((1, 1, 200, 200), math.log(0.25))], 1))  # σ = 0.5
     s = wide.sample(gen(2))
     assert s.mean().item() == pytest.approx(1.5, abs=0.01) and s.std().item() == pytest.approx(0.5, abs=0.01)
 
@@ -340,16 +358,17 @@ def check_cmnist(cfg, split_name, gray, digits, bias, tv_bound):
 
 
 def padded_mnist(root, train):
-    ds = __import__("torchvision").datasets.MNIST(root, train=train)
+    ds = torchvision.datasets.MNIST(root, train=train)
     return F.pad(ds.data, (2,) * 4), ds.targets
 
 
 def test_cmnist_synthetic_bias_colors_digits_and_balanced_test(mnist_root):
     gray, digits = padded_mnist(mnist_root, True)
     for bias in (0.8, 0.95, 0.5):
-        check_cmnist(DataConfig(data_root=str(mnist_root), bias=bias, n_train=2000), "train", gray, digits, bias, 0.2)
+        cfg = DataConfig(data_root=str(mnist_root), bias=bias, n_train=2000)
+        check_cmnist(cfg, "train", gray, digits, bias, tv_bound=0.2)
     gray, digits = padded_mnist(mnist_root, False)
-    test = check_cmnist(DataConfig(data_root=str(mnist_root), bias=0.95, n_train=2000), "test", gray, digits, 0.5, 0.2)
+    test = check_cmnist(DataConfig(data_root=str(mnist_root), bias=0.95), "test", gray, digits, 0.5, tv_bound=0.2)
     assert len(test) == 400 and (test.group == 0).sum() == 200      # the whole held-out set, 50/50
 
 
@@ -392,9 +411,9 @@ def test_dataset_errors_name_the_value(mnist_root, tmp_path):
 @needs_mnist
 def test_cmnist_and_mnist_pair_on_real_mnist():
     gray, digits = padded_mnist(REAL_ROOT, True)
-    check_cmnist(DataConfig(data_root=REAL_ROOT, bias=0.8, n_train=10000), "train", gray, digits, 0.8, 0.06)
+    check_cmnist(DataConfig(data_root=REAL_ROOT, bias=0.8, n_train=10000), "train", gray, digits, 0.8, tv_bound=0.06)
     gray_test, digits_test = padded_mnist(REAL_ROOT, False)
-    test = data.load(DataConfig(data_root=REAL_ROOT, bias=0.8), "test")
+    test = check_cmnist(DataConfig(data_root=REAL_ROOT, bias=0.8), "test", gray_test, digits_test, 0.5, tv_bound=0.06)
     assert len(test) == 10000 and (test.group == 0).sum() == 5000
     pair = data.load(DataConfig(dataset="mnist-pair", data_root=REAL_ROOT, bias=0.8), "train")
     assert abs((pair.group == 0).float().mean().item() - 0.8) <= 1 / len(pair)
@@ -602,12 +621,15 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
 
 
 def test_same_seed_same_base_model_and_samples(mnist_root, tmp_path, monkeypatch):
-    """ensure_base end to end (tiny autoencoder + UNet), twice from different global RNG states:
-    the same seed gives the same weights and the same samples, also after load_pipeline."""
+    """ensure_base end to end (tiny autoencoder + UNet), twice from different global RNG states, the
+    second time reusing the first's autoencoder: the same seed gives the same weights and the same
+    samples, also after load_pipeline."""
     monkeypatch.setitem(vae.PRESETS, "tiny", dict(channels="8,16", steps=4, batch_size=8, lr=1e-3, n_train=64,
                                                   ckpt_every=4, warmup=1))
     pipes = []
     for i, runs in enumerate((tmp_path / "a", tmp_path / "b")):
+        if i == 1:                                                 # found by its hash, not retrained
+            shutil.copytree(tmp_path / "a" / "cmnist" / pipes[0].cfg.vae, runs / "cmnist" / pipes[0].cfg.vae)
         torch.manual_seed(100 + i)
         cfg = ddpm.base_config(DataConfig(data_root=str(mnist_root), n_train=64), "tiny", steps=4, batch_size=8,
                                channels="8,16", norm_groups=4, sample_steps=2, ckpt_every=4, warmup=1)
@@ -625,7 +647,7 @@ def test_same_seed_same_base_model_and_samples(mnist_root, tmp_path, monkeypatch
 # ================================================================ command lines: bad input
 def run_cli(script, args, env):
     return subprocess.run([sys.executable, script, "--preset", "tiny", "--device", "cpu", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
 def vae_ckpt(runs: Path) -> Path:
@@ -683,7 +705,7 @@ def test_cli_bad_input_gives_one_line_and_changes_nothing(case, mnist_root, tmp_
     elif setup is not None:
         setup(runs, tmp_path)
     (tmp_path / "empty").mkdir()
-    env = {**os.environ, "FAIRDIFF_CACHE": str(tmp_path / "cache"),
+    env = {**os.environ, "FAIRDIFF_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            "FAIRDIFF_DATA": str(tmp_path / "empty" if env_kind == "empty" else mnist_root)}
     before = snapshot(runs)
     try:

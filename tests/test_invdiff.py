@@ -2,7 +2,6 @@
 model, and a tiny end-to-end run (synthetic MNIST in torchvision's layout, so it needs no data)."""
 import json
 import math
-import os
 import struct
 import sys
 from pathlib import Path
@@ -18,8 +17,16 @@ from invdiff import (ArmConfig, build_module, environment_risks, environment_tab
                      infer_environments, invariance_loss, per_sample_losses, project_rows, train_module)
 from unet import UNet, count_parameters  # noqa: E402
 
-torch.set_num_threads(min(4, os.cpu_count() or 1))
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU OpenMP's spin-waits make two far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def two_populations(n=2000, seed=0):
