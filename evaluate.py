@@ -470,7 +470,7 @@ def plot_tradeoff(metrics: dict, path: Path):
     ax = fig.add_subplot()
     for arm in metrics["arms"]:
         fd, (lo, hi) = arm["FD_half_l1"], arm["FD_half_l1_ci"]
-        ax.errorbar(fd, arm["FID_C"], xerr=[[fd - lo], [hi - fd]], fmt="o", capsize=3)
+        ax.errorbar(fd, arm["FID_C"], xerr=[[max(fd - lo, 0)], [max(hi - fd, 0)]], fmt="o", capsize=3)
         ax.annotate(arm["name"], (fd, arm["FID_C"]), textcoords="offset points", xytext=(4, 4))
     ax.axvline(metrics["reference"]["train_FD_half_l1"], ls="--", c="gray", label="training data's FD")
     ax.axhline(metrics["reference"]["FID_C_floor"], ls=":", c="gray", label="FID-C floor (real vs real)")

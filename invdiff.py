@@ -15,8 +15,9 @@ stage; only the diagnostic, the oracle arm and the evaluation read it.
    by Adam (lr 0.01, 500 full-batch steps, W₀ ~ U(0,1)), projecting after each step: clamp at 0 and
    renormalise every row to sum 1. (The authors' scripts optionally add −w·min_ik w_ik ℓ_i; not used.)
 
-2. Guidance module G_ψ(z_t, t, c): a UNet at about ¼ of the base width (≈ 1/16 of its parameters), its
-   last conv zero-initialised, combined with the frozen prediction as in the authors' code:
+2. Guidance module G_ψ(z_t, t, c): a fresh UNet at ¼ of the base width (6% of its parameters at the
+   small and full presets, 11% at tiny; the authors copy the whole pretrained UNet instead), its last
+   conv zero-initialised, combined with the frozen prediction as in the authors' code:
        ε̃ = r·G_ψ + (1 − r)·ε_θ      (r = 0.8, "convex")      or      ε̃ = ε_θ + r·G_ψ   ("additive")
    Only ψ is trained (θ: requires_grad False, eval mode).
 
@@ -52,8 +53,8 @@ import data
 import ddpm
 import evaluate
 import vae as vae_lib
-from train import (ConfigError, TrainConfig, config_hash, distributed, explicit_flags, local_batch,
-                   main_guard, parse_config, train)
+from train import (ConfigError, TrainConfig, check_train_config, config_hash, distributed, explicit_flags,
+                   local_batch, main_guard, parse_config, seed_everything, train)
 from unet import UNet, count_parameters
 
 ENV_LOSSES = ("eps", "authors")
@@ -79,6 +80,8 @@ class InvDiffConfig(data.DataConfig, TrainConfig):
     guidance_scale: float = 2.0    # CFG scale s (ε̃ in both passes)
     sample_steps: int = 50         # DDIM steps
     eval_epochs: int = 0           # evaluation classifiers' epochs (0 = evaluate.py's defaults)
+    train_only: bool = False       # train the arms, skip sampling and the report (one process per arm
+                                   # with --arms NAME, then one run with every arm reuses them)
 
 
 @dataclass
@@ -92,15 +95,17 @@ PRESETS = {
     # tiny: fewer samples per class (20) and DDIM steps (10) so the whole run fits in minutes on a CPU
     "tiny": dict(steps=150, batch_size=32, lr=1e-3, warmup=20, ckpt_every=150, samples_per_class=20,
                  sample_steps=10, eval_epochs=1),
-    "small": dict(steps=4000, batch_size=256, lr=3e-4, ckpt_every=1000),
-    "full": dict(steps=10000, batch_size=256, lr=2e-4, ckpt_every=2500),
+    # GPU: a step costs about the same up to batch 1024 (launch-bound, see bench.py), as for the base
+    "small": dict(steps=3000, batch_size=1024, lr=4e-4, warmup=200, ckpt_every=1000),
+    "full": dict(steps=10000, batch_size=1024, lr=2e-4, warmup=500, ckpt_every=2500),
 }
-SAMPLING_ONLY = ("arms", "samples_per_class", "guidance_scale", "sample_steps", "eval_epochs")
+SAMPLING_ONLY = ("arms", "samples_per_class", "guidance_scale", "sample_steps", "eval_epochs", "train_only")
 
 
 def check(cfg: InvDiffConfig):
     if cfg.dataset == "mnist-pair":
-        raise ConfigError("--dataset mnist-pair: its class is its group, so nothing is left to hide; choose cmnist or celeba")
+        raise ConfigError("--dataset mnist-pair: its class is its group, so there is no hidden bias "
+                          "attribute; choose cmnist or celeba")
     for name, value, allowed in (("env-loss", cfg.env_loss, ENV_LOSSES), ("guidance-form", cfg.guidance_form, FORMS)):
         if value not in allowed:
             raise ConfigError(f"--{name} {value!r}; choose {' or '.join(allowed)}")
@@ -286,7 +291,8 @@ def run_experiment(cfg: InvDiffConfig, pipe: ddpm.Pipeline, runs, preset, device
     names = group_names(pipe.data_cfg)
     env_md = environment_markdown(table, names)
     if rank == 0:
-        (out / "environments.json").write_text(json.dumps({"env_loss": cfg.env_loss, "envs": cfg.envs, **table}, indent=2))
+        summary = {"env_loss": cfg.env_loss, "envs": cfg.envs, "env_draws": cfg.env_draws, **table}
+        (out / "environments.json").write_text(json.dumps(summary, indent=2))
         (out / "environments.md").write_text(env_md)
         print(env_md)
     environments = {"invdiff": W, "lambda0": W,
@@ -306,9 +312,9 @@ def run_experiment(cfg: InvDiffConfig, pipe: ddpm.Pipeline, runs, preset, device
         if name != "base":
             acfg = arm_config(cfg, name, pipe.run_dir.name)
             run = Path(runs) / cfg.dataset / f"invdiff-{name}-{config_hash(acfg)}"
-            if fresh and (run / "ckpt.pt").exists():
-                (run / "ckpt.pt").unlink()
-            torch.manual_seed(cfg.seed)                                        # same initial ψ in every arm
+            if fresh:
+                (run / "ckpt.pt").unlink(missing_ok=True)
+            seed_everything(cfg.seed)                                          # same initial ψ in every arm
             module = build_module(pipe.cfg, K, cfg.module_width, z0.shape[1]).to(device)
             guide = partial(guided_prediction, base, r=cfg.guidance_weight, form=cfg.guidance_form)
 
@@ -322,10 +328,10 @@ def run_experiment(cfg: InvDiffConfig, pipe: ddpm.Pipeline, runs, preset, device
             fields = {"r": cfg.guidance_weight, "lambda": acfg.lam, "environments": name if name in
                       ("random", "oracle") else "inferred"}
             arm_runs[name] = str(run)
-        if rank == 0:
+        if rank == 0 and not cfg.train_only:
             arms.append({"name": name, **fields,
                          "class_images": sample_classes(pipe, model, K, cfg.samples_per_class, **sampling)})
-    if rank != 0:
+    if rank != 0 or cfg.train_only:
         return {}
 
     evaluator = evaluate.get_evaluator(pipe.data_cfg, runs, device, epochs=cfg.eval_epochs or None)
@@ -350,6 +356,7 @@ def main(argv=None):
     if cfg.dataset == "celeba" and "cell_ratio" not in explicit:      # condition Smiling, spuriously tied to Male
         cfg.cell_ratio = explicit["cell_ratio"] = CELEBA_CELLS
     check(cfg)
+    check_train_config(cfg)                                           # before the autoencoder trains
     data_flags = {k: v for k, v in explicit.items() if k in data.DataConfig.__dataclass_fields__}
     base_cfg = ddpm.base_config(ddpm.data_config(cfg), args.preset, **data_flags)
     pipe = ddpm.ensure_base(base_cfg, args.preset, args.runs, args.device, args.fresh)

@@ -231,3 +231,11 @@ def test_tiny_end_to_end_run_reports_every_arm(tmp_path, capsys):
     assert all((out / f"samples_{name}.png").exists() for name in invdiff.ARMS)
     assert len(list((runs / "cmnist").glob("invdiff-*-*/ckpt.pt"))) == 4     # the four trained arms
     assert "| arm |" in capsys.readouterr().out                              # the final table is printed
+    # an arm's run dir does not depend on which arms run with it: a --train-only rerun reuses it
+    stamps = {p: p.stat().st_mtime_ns for p in (runs / "cmnist").glob("invdiff-*-*/ckpt.pt")}
+    report = (out / "metrics.json").stat().st_mtime_ns
+    invdiff.main(["--dataset", "cmnist", "--preset", "tiny", "--device", "cpu", "--runs", str(runs),
+                  "--data-root", str(root), "--steps", "20", "--env-iters", "100", "--arms", "oracle",
+                  "--train-only", "true"])
+    assert {p: p.stat().st_mtime_ns for p in (runs / "cmnist").glob("invdiff-*-*/ckpt.pt")} == stamps
+    assert (out / "metrics.json").stat().st_mtime_ns == report                # no sampling, no report
