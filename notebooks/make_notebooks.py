@@ -65,7 +65,7 @@ def show(images, nrow=16, title="", ax=None):
     grid = make_grid(images.cpu().float() / 255, nrow=nrow, padding=1, pad_value=1)   # [3, H', W']
     if ax is None:
         rows = -(-len(images) // nrow)
-        ax = plt.figure(figsize=(0.36 * nrow, 0.36 * rows + 0.4)   # about one screen pixel per image pixel).gca()
+        ax = plt.figure(figsize=(0.36 * nrow, 0.36 * rows + 0.4)).gca()   # about one screen pixel per image pixel
     ax.imshow(grid.permute(1, 2, 0).numpy())
     ax.set_title(title)
     ax.axis("off")
@@ -173,9 +173,10 @@ show(torch.cat([x, x_hat]), nrow=16, title="top: held-out test images · bottom:
 '''),
     md(r"""
 A look at the latents the diffusion model will learn: `vae.encode_dataset` caches
-$z_0 = \text{scale}\cdot\mu(x)$ for the whole training split. Each image becomes four 8×8 channels, and
-after scaling the values have unit standard deviation (their distribution is not Gaussian, which the
-diffusion model does not need).
+$z_0 = \text{scale}\cdot\mu(x)$ for the whole training split. Each image becomes four 8×8 channels. The
+scale made the standard deviation exactly 1 on the autoencoder's own (balanced) training images, so on this
+biased split it comes out close to 1; the values are not Gaussian, and the diffusion model does not need
+them to be.
 """),
     code(r'''
 latents = vae.encode_dataset(autoencoder, vae_dir, ddpm.data_config(cfg), DEVICE)
@@ -235,11 +236,11 @@ print(f"t = 0: std(z_t − z0) = {(z_t[0] - z0[0]).std():.3f} ≈ √(1 − ᾱ_
 fig, axes = plt.subplots(2, len(ts), figsize=(1.4 * len(ts), 3.2))
 for k, t in enumerate(ts.tolist()):
     axes[0, k].imshow(decoded[k].permute(1, 2, 0).numpy())
-    axes[0, k].set_title(f"t={t}\nᾱ={scheduler.alphas_cumprod[t]:.2f}", fontsize=9)
+    axes[0, k].set_title(f"t={t}\nᾱ={scheduler.alphas_cumprod[t]:.3f}", fontsize=9)
     axes[1, k].imshow(z_t[k, 0].numpy(), cmap="RdBu_r", vmin=-3, vmax=3)
 for ax in axes.flat:
     ax.axis("off")
-fig.suptitle("top: decoder(z_t) · bottom: channel 0 of z_t");
+fig.suptitle("top: decoder(z_t) · bottom: channel 0 of z_t", y=1.06);
 '''),
     md(r"""
 ## 4 · The denoiser: a UNet over latents
@@ -416,7 +417,7 @@ groups = evaluator.groups(samples)                      # [500]: 0 red, 1 green,
 p_hat, ci = evaluate.group_shares(groups, 2), evaluate.bootstrap(groups, 2)
 print(f"training data: p(red) = {p_train[0]:.3f}, FD = {evaluate.fd_half_l1(p_train):.3f}")
 print(f"base samples:  p̂(red) = {p_hat[0]:.3f} [95% CI {ci['p_hat'][0, 0]:.3f}, {ci['p_hat'][0, 1]:.3f}], "
-      f"FD = {evaluate.fd_half_l1(p_hat):.3f}; {(groups < 0).sum()} samples in no group")
+      f"FD = {evaluate.fd_half_l1(p_hat):.3f}; samples in no group: {(groups < 0).sum()}")
 show(samples[:48], nrow=16, title="unconditional samples of the base model")
 '''),
     md(r"""
@@ -689,7 +690,10 @@ print(f"{len(metrics['arms'])} arms in {time.perf_counter() - start:.0f} s; repo
 ## 4 · Guided vs unguided sampling of the frozen model
 
 The `invdiff` arm's trained module, loaded from its run folder, against the frozen model alone: the same
-seed gives both the same starting noise, one row per digit.
+seed gives both the same starting noise, one row per digit. In the convex form $G_\psi$ supplies 80% of
+$\tilde\epsilon$ and starts from zero, so a module trained for the tiny preset's 150 steps has not yet
+learned to denoise and its samples are far noisier than the base model's; the GPU runs train it for thousands
+of steps.
 """),
     code(r'''
 module = invdiff.build_module(pipe.cfg, K, cfg.module_width, z0.shape[1])
