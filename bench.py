@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import ddpm
 import vae as vae_lib
-from train import EMA, ConfigError, lr_lambda, main_guard
+from train import EMA, ConfigError, lr_lambda, main_guard, train_step
 from unet import count_parameters
 
 DATASETS = {"cmnist": dict(num_classes=10, latent=(4, 8, 8)),      # class = digit
@@ -144,7 +144,7 @@ def diffusers_unet(cfg: ddpm.DiffusionConfig, num_classes: int, latent) -> Diffu
 
 
 # ---------------------------------------------------------------------------------- one model
-def train_step(model, cfg, z0, label, num_classes, device, compile: bool):
+def make_train_step(model, cfg, z0, label, num_classes, device, compile: bool):
     """A closure doing exactly one step of train.train()'s inner loop on the resident latents."""
     cuda = str(device).startswith("cuda")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -158,20 +158,16 @@ def train_step(model, cfg, z0, label, num_classes, device, compile: bool):
     loss_sum = torch.zeros((), device=device)
     step = 0
 
-    def one_step():
-        nonlocal step, finite
+    def loss_fn(net, step, gen):  # the base model's loss, as in ddpm.ensure_base
         idx = torch.randint(len(z0), (cfg.batch_size,), generator=gen, device=device)
         cond = ddpm.drop_labels(label[idx], num_classes, cfg.p_uncond, gen)
-        with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-            loss = ddpm.diffusion_loss(net, scheduler, z0[idx], cond, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        finite &= torch.isfinite(loss.detach())
-        opt.step()
-        sched.step()
-        ema.update(step)
-        loss_sum.add_(loss.detach().float())
+        return ddpm.diffusion_loss(net, scheduler, z0[idx], cond, gen)
+
+    def one_step():
+        nonlocal step, finite
+        loss = train_step(net, loss_fn, step, gen, opt, sched, ema, params, cfg.grad_clip, cuda)
+        finite &= torch.isfinite(loss)
+        loss_sum.add_(loss.float())
         step += 1
 
     def mean_loss() -> float:
@@ -191,7 +187,7 @@ def bench_model(model, cfg, vae, num_classes, plan, args) -> dict:
     gen = torch.Generator(device).manual_seed(0)
     z0 = torch.randn((N_LATENTS, *latent), generator=gen, device=device).contiguous(memory_format=fmt)  # [N, 4, h, w]
     label = torch.randint(num_classes, (N_LATENTS,), generator=gen, device=device)                     # [N]
-    step, mean_loss, scheduler = train_step(model, cfg, z0, label, num_classes, device, args.compile)
+    step, mean_loss, scheduler = make_train_step(model, cfg, z0, label, num_classes, device, args.compile)
 
     def train_flops():
         with torch.autocast("cuda", torch.bfloat16, enabled=cuda):

@@ -26,9 +26,9 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import matplotlib
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure          # not pyplot: leaves a notebook's backend alone
 from torchvision.utils import save_image
 
 import data
@@ -37,7 +37,6 @@ from train import (ConfigError, TrainConfig, check_train_config, config_hash, di
                    local_batch, main_guard, parse_config, seed_everything, train, explicit_flags)
 from unet import UNet, count_parameters
 
-matplotlib.use("Agg")
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -284,14 +283,13 @@ def grids(pipe: Pipeline, out: Path, num_classes: int, seed=0):
 
 
 def plot_loss(out: Path):
-    import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set(xlabel="step", ylabel="loss", yscale="log", title=out.name)
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=100)
-    plt.close(fig)
 
 
 def base_config(data_cfg: data.DataConfig, preset: str, **overrides) -> DiffusionConfig:

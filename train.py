@@ -224,6 +224,19 @@ class EMA:
 
 
 # ------------------------------------------------------------------------------------------- loop
+def train_step(net, loss_fn, step, gen, opt, sched, ema, params, grad_clip, cuda) -> torch.Tensor:
+    """One optimiser step, the body of the loop (bench.py times exactly this); the detached loss."""
+    with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
+        loss = loss_fn(net, step, gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+    ema.update(step)
+    return loss.detach()
+
+
 def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage_cfg=None,
           params=None, sample_fn=None, device="cpu", desc="train") -> dict:
     """Train `params` (default: all of model's) by minimising loss_fn(model, step, generator).
@@ -291,16 +304,9 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
     last_loss, t0, t_start, start, last_log = float("nan"), time.perf_counter(), time.perf_counter(), step, step
     model.train()
     while step < cfg.steps:
-        with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-            loss = loss_fn(net, step, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        finite &= torch.isfinite(loss.detach())
-        opt.step()
-        sched.step()
-        ema.update(step)
-        loss_sum += loss.detach().float()
+        loss = train_step(net, loss_fn, step, gen, opt, sched, ema, params, cfg.grad_clip, cuda)
+        finite &= torch.isfinite(loss)
+        loss_sum += loss.float()
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps or step % cfg.ckpt_every == 0:
             if world > 1:  # the global batch's loss (not rank 0's share); every rank stops together
