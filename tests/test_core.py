@@ -8,7 +8,6 @@ of JPEGs in the real layout."""
 import math
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from data import DataConfig  # noqa: E402
 from ddpm import DDIMScheduler, DDPMScheduler, diffusion_loss, drop_labels, sample_latents  # noqa: E402
 from train import TrainConfig, checkpoint, config_hash  # noqa: E402
 from unet import UNet  # noqa: E402
+from idx import write_idx_split  # noqa: E402  (tests/idx.py)
 
 torch.set_num_threads(1)   # tiny models: more threads only spin on a shared CPU
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -57,11 +57,7 @@ def write_mnist(root: Path, n_train=2400, n_test=400) -> Path:
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        images, labels = synthetic_mnist(n, seed)
-        header = struct.pack(">IIII", 2051, n, 28, 28)                       # IDX: magic, count, rows, cols
-        (raw / f"{split}-images-idx3-ubyte").write_bytes(header + images.numpy().tobytes())
-        header = struct.pack(">II", 2049, n)
-        (raw / f"{split}-labels-idx1-ubyte").write_bytes(header + labels.to(torch.uint8).numpy().tobytes())
+        write_idx_split(raw, split, *synthetic_mnist(n, seed))
     return root
 
 

@@ -6,7 +6,6 @@ k-dependent place, so a few training steps learn it and data.load works unchange
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from data import DataConfig, load  # noqa: E402
 from evaluate import (Evaluator, bias_score, bootstrap, evaluate_arm, evaluate_arms, fd_half_l1, fd_l2, format_table,
                       frechet_distance, frechet_from_moments, get_evaluator, group_shares, moments,
                       share_weights, spd)
+from idx import write_idx_split  # noqa: E402  (tests/idx.py)
 
 torch.set_num_threads(min(4, os.cpu_count() or 1))
 REAL_ROOT = os.environ.get("FAIRDIFF_DATA", "")
@@ -50,11 +50,7 @@ def write_mnist(root: Path, n_train=3000, n_test=600):
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        images, labels = synthetic_digits(n, seed)
-        header = struct.pack(">IIII", 2051, n, 28, 28)                    # the IDX format torchvision reads
-        (raw / f"{split}-images-idx3-ubyte").write_bytes(header + images.numpy().tobytes())
-        header = struct.pack(">II", 2049, n)
-        (raw / f"{split}-labels-idx1-ubyte").write_bytes(header + labels.to(torch.uint8).numpy().tobytes())
+        write_idx_split(raw, split, *synthetic_digits(n, seed))
     return root
 
 
