@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import data
 import ddpm
 import evaluate
+import vae as vae_lib
 from train import (ConfigError, TrainConfig, config_hash, explicit_flags, local_batch, main_guard,
                    parse_config, train)
 
@@ -188,9 +189,8 @@ def run_sweep(cfg: DDMConfig, preset: str, runs: str, device: str, fresh=False, 
     if cfg.finetune not in ("full", "lora"):
         raise ConfigError(f"--finetune {cfg.finetune!r}: choose full or lora")
     t_start = time.perf_counter()
-    data_cfg = ddpm.data_config(cfg)
-    pipe = ddpm.ensure_base(ddpm.base_config(data_cfg, preset), preset, runs, device, fresh)
-    import vae as vae_lib
+    pipe = ddpm.ensure_base(ddpm.base_config(ddpm.data_config(cfg), preset), preset, runs, device, fresh)
+    data_cfg = pipe.data_cfg                     # exactly the data the base model was trained on
     latents = vae_lib.encode_dataset(pipe.vae, pipe.run_dir.parent / pipe.cfg.vae, data_cfg, device)
     evaluator = None if cfg.train_only else (evaluator or evaluate.get_evaluator(data_cfg, runs, device))
     K = int(latents["group"].max()) + 1
