@@ -486,7 +486,8 @@ def plot_samples(arms, out_dir: Path, n=64):
         conditions = len(arm.get("class_images") or arm.get("cond_images") or [0])
         images = pooled_images(arm, per_condition=-(-n // conditions))[:n]                 # [≤ 64, 3, H, W]
         grid = make_grid(images.cpu().float() / 255, nrow=8, padding=1)                   # [3, H', W']
-        save_image(grid, out_dir / f"samples_{re.sub(r'[^A-Za-z0-9._=-]+', '_', arm['name'])}.png")
+        name = re.sub(r"[^A-Za-z0-9._=-]+", "_", arm["name"].replace("α", "alpha").replace("λ", "lambda"))
+        save_image(grid, out_dir / f"samples_{name}.png")
         ax = fig.add_subplot(1, len(arms), i + 1)
         ax.imshow(grid.permute(1, 2, 0).numpy())
         ax.set_title(arm["name"])
