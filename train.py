@@ -10,6 +10,9 @@ samples pure noise. On CUDA the forward pass runs under bf16 autocast. Every `ck
 at the end the whole state (config, step, weights, EMA, optimiser, schedule, RNG) is written to a
 temp file and moved into place with `os.replace`, so a crash never leaves a half-written checkpoint.
 A non-finite loss stops the run before the next checkpoint, so the last good one stays intact.
+Ctrl-C or SIGTERM (a job scheduler's stop) finishes the current step, writes a checkpoint and stops,
+so rerunning the same command resumes exactly there; a second signal stops at once. (One process
+only: under torchrun a signal stops it the plain way and the run resumes from the last checkpoint.)
 
 Also here: the config → argparse helper (`parse_config`), presets, run directories named by a config
 hash (`run_dir`) so later stages find earlier ones, and `checkpoint`/`load_checkpoint`.
@@ -20,7 +23,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -117,12 +122,16 @@ def run_dir(runs: str, cfg, stage: str) -> Path:
 
 
 def main_guard(fn):
-    """Run a CLI entry point: ValueError / FileNotFoundError become one line on stderr, exit 2."""
+    """Run a CLI entry point: ValueError / FileNotFoundError become one line on stderr, exit 2;
+    a graceful stop (see StopRequest) one line, exit 130."""
     try:
         fn()
     except (ValueError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(130)
 
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -224,6 +233,34 @@ class EMA:
 
 
 # ------------------------------------------------------------------------------------------- loop
+class Stopped(KeyboardInterrupt):
+    """Training stopped on a signal after writing its checkpoint."""
+
+
+class StopRequest:
+    """While active, SIGINT / SIGTERM only set `requested`; the loop checkpoints at the end of the
+    step and raises Stopped. A second signal raises KeyboardInterrupt at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.requested, self.previous = enabled, False, {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if self.enabled:
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 def train_step(net, loss_fn, step, gen, opt, sched, ema, params, grad_clip, cuda) -> torch.Tensor:
     """One optimiser step, the body of the loop (bench.py times exactly this); the detached loss."""
     with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
@@ -303,32 +340,40 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
     loss_sum = torch.zeros((), device=device)
     last_loss, t0, t_start, start, last_log = float("nan"), time.perf_counter(), time.perf_counter(), step, step
     model.train()
-    while step < cfg.steps:
-        loss = train_step(net, loss_fn, step, gen, opt, sched, ema, params, cfg.grad_clip, cuda)
-        finite &= torch.isfinite(loss)
-        loss_sum += loss.float()
-        step += 1
-        if step % cfg.log_every == 0 or step == cfg.steps or step % cfg.ckpt_every == 0:
-            if world > 1:  # the global batch's loss (not rank 0's share); every rank stops together
-                total = torch.stack([loss_sum / world, (~finite).float()])
-                dist.all_reduce(total)
-                loss_sum, finite = total[0], total[1] == 0
-            if not finite:  # stop before the next checkpoint: the last good one stays intact
-                raise FloatingPointError(f"non-finite loss before step {step}; the last good "
-                                         f"checkpoint {ckpt} is intact (lower --lr?)")
-            n, last_log = step - last_log, step                    # steps summed since the last log
-            last_loss = loss_sum.item() / n
-            loss_sum.zero_()
-            dt = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            if log:
-                log.write(json.dumps({"step": step, "loss": last_loss, "lr": sched.get_last_lr()[0],
-                                      "img_per_s": n * cfg.batch_size / dt}) + "\n")
-                log.flush()
-            bar.set_postfix(loss=f"{last_loss:.4f}")
-        bar.update(1)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save(last_loss)
+    one_main_thread = world == 1 and threading.current_thread() is threading.main_thread()
+    with StopRequest(one_main_thread) as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
+        while step < cfg.steps:
+            loss = train_step(net, loss_fn, step, gen, opt, sched, ema, params, cfg.grad_clip, cuda)
+            finite &= torch.isfinite(loss)
+            loss_sum += loss.float()
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps or step % cfg.ckpt_every == 0 or stop.requested:
+                if world > 1:  # the global batch's loss (not rank 0's share); every rank stops together
+                    total = torch.stack([loss_sum / world, (~finite).float()])
+                    dist.all_reduce(total)
+                    loss_sum, finite = total[0], total[1] == 0
+                if not finite:  # stop before the next checkpoint: the last good one stays intact
+                    raise FloatingPointError(f"non-finite loss before step {step}; the last good "
+                                             f"checkpoint {ckpt} is intact (lower --lr?)")
+                n, last_log = step - last_log, step                    # steps summed since the last log
+                last_loss = loss_sum.item() / n
+                loss_sum.zero_()
+                dt = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if log:
+                    log.write(json.dumps({"step": step, "loss": last_loss, "lr": sched.get_last_lr()[0],
+                                          "img_per_s": n * cfg.batch_size / dt}) + "\n")
+                    log.flush()
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+            bar.update(1)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.requested:
+                save(last_loss)
+            if stop.requested:
+                bar.close()
+                if log:
+                    log.close()
+                raise Stopped(f"at step {step} of {cfg.steps}; checkpoint {ckpt} written, "
+                              f"run the same command again to resume")
     bar.close()
     if log:
         log.close()

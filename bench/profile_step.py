@@ -6,7 +6,8 @@ bench.py's own step (the cmnist config, batch 256) for a few steps after warm-up
     wall ms/step | GPU busy ms/step (sum of kernel times) | kernels/step | top ops by self CPU time
 
 If GPU busy time is far below wall time the step is bound by the host (Python, dispatch, launches),
-not by the GPU. The committed output is bench/profile_step_h100.txt.
+not by the GPU. The committed output is bench/profile_step_h100.txt (eager; the compiled run did
+not finish inside the 50 s it was given).
 """
 import argparse
 import time

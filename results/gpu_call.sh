@@ -7,7 +7,10 @@ if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile
 python3 -c "import einops, tqdm, diffusers; print('diffusers', diffusers.__version__)" 2>&1 | tail -1
 bash results/gpu_session2.sh & P=$!
 for i in $(seq ${BUDGET:-540}); do kill -0 $P 2>/dev/null || break; sleep 1; done
-pkill -INT -f 'python3 (ddm|ddpm|invdiff|evaluate|vae|bench)' ; sleep 8; pkill -9 -f 'python3 (ddm|ddpm|invdiff|evaluate|vae|bench)'; sleep 1
+JOBS='python3 (ddm|ddpm|invdiff|evaluate|vae|bench)'
+pkill -INT -f "$JOBS"                      # training runs finish their step and checkpoint (train.py)
+for i in $(seq 40); do pgrep -f "$JOBS" > /dev/null || break; sleep 1; done
+pkill -9 -f "$JOBS"; sleep 1
 tar czf $OUT/results.tgz --exclude='*.pt' --exclude='runs/cache' runs bench/*.json bench/*.txt 2>/dev/null
 cp runs/timeline.txt $OUT/ ; nvidia-smi --query-gpu=name,memory.used --format=csv >> $OUT/timeline.txt
 tail -n 3 runs/logs/*.log | tail -n 80

@@ -5,6 +5,9 @@
 # Resumable: every stage is cached by its config hash, so when a call is cut off at its time limit,
 # running this again on the same warm machine continues where it stopped. runs/timeline.txt keeps a
 # line per stage start and end (unix seconds) across calls.
+# This session: call 1 ran the eager bench (the compiled one was cut); calls 2 and 3 (with
+# runs/bench.done touched) ran cmnist and CelebA side by side and were both cut by the call limit
+# before any CelebA base model finished; see README "CelebA-64" and "Performance".
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 TORCH_LOGS=-all
 L=runs/logs; mkdir -p $L
 stamp() { echo "$(date +%s) $*" >> runs/timeline.txt; }

@@ -8,6 +8,7 @@ of JPEGs in the real layout."""
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -555,6 +556,27 @@ def test_kill_and_resume_gives_identical_weights(tmp_path):
     for k, v in model.state_dict().items():                        # the model is left with the EMA weights
         assert torch.equal(v, straight["ema_model"][k])
     assert not list((tmp_path / "resumed").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_checkpoints_at_the_step_and_resumes_exactly(tmp_path, signum):
+    """Ctrl-C / SIGTERM mid-run: the step finishes, a checkpoint is written there (not at the last
+    ckpt_every), the run stops with Stopped, and rerunning gives the uninterrupted weights."""
+    loss_fn = tiny_diffusion_task()
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup=2, ckpt_every=6, log_every=1)
+    train_lib.train(tiny_unet(0), loss_fn, cfg, tmp_path / "straight")
+
+    def signalled(net, step, g):
+        if step == 3:
+            os.kill(os.getpid(), signum)                           # arrives inside step 3
+        return loss_fn(net, step, g)
+    previous = signal.getsignal(signum)
+    with pytest.raises(train_lib.Stopped, match="at step 4 of 6"):
+        train_lib.train(tiny_unet(0), signalled, cfg, tmp_path / "resumed")
+    assert signal.getsignal(signum) is previous                    # the handler is put back
+    assert load(tmp_path / "resumed" / "ckpt.pt")["step"] == 4
+    train_lib.train(tiny_unet(0), loss_fn, cfg, tmp_path / "resumed")
+    assert_same_state(load(tmp_path / "straight" / "ckpt.pt"), load(tmp_path / "resumed" / "ckpt.pt"))
 
 
 def test_vae_stage_kill_and_resume_is_exact(mnist_root, tmp_path, monkeypatch):
