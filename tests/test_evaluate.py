@@ -303,7 +303,7 @@ def test_evaluate_arms_writes_metrics_report_and_plots(fake_evaluator, fake_root
     assert set(rates) == {"0", "1"} and second["SPD"] == pytest.approx(abs(rates["0"] - rates["1"]))
     assert second["cond_acc"] >= 0.9                       # real images of the requested digit
     assert second["Bias_mean"] < 0.5                       # colors are independent of digits in real data
-    for name in ("report.md", "tradeoff.png", "samples.png", "samples_all_red.png", "samples_balanced_=1.png"):
+    for name in ("report.md", "tradeoff.png", "samples.png", "samples_all_red.png", "samples_balanced_alpha=1.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     report = (tmp_path / "report.md").read_text()
     assert format_table(metrics) in report and "SPD =" in report and "FID-C =" in report
