@@ -12,24 +12,26 @@
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 TORCH_LOGS=-all
 L=runs/logs; mkdir -p $L
 stamp() { echo "$(date +%s) $*" >> runs/timeline.txt; }
-INV="--dataset celeba --steps 1000 --batch-size 512"
+P="--preset ${PRESET:-small}"              # PRESET=tiny: a CPU dry run of this very script
+INV="--dataset celeba $P"
+[ "${PRESET:-small}" = small ] && INV="$INV --steps 1000 --batch-size 512"
 
 ddm() {
   stamp "celeba ddm start"
-  python3 vae.py --dataset celeba > $L/celeba_vae.log 2>&1 || return
+  python3 vae.py --dataset celeba $P > $L/celeba_vae.log 2>&1 || return
   for b in 0.8 0.2; do   # base model + the α=0 FD arm
-    python3 ddm.py --dataset celeba --bias $b --scenarios fd --alphas 0 --train-only true > $L/celeba_base_$b.log 2>&1 &
+    python3 ddm.py --dataset celeba $P --bias $b --scenarios fd --alphas 0 --train-only true > $L/celeba_base_$b.log 2>&1 &
   done
   wait; stamp "celeba bases end"
-  python3 evaluate.py --run "$(ls -d runs/celeba/base-* | head -1)" --n 1000 > $L/celeba_evaluator.log 2>&1 &
+  python3 evaluate.py --n 200 --run "$(ls -d runs/celeba/base-* | head -1)" > $L/celeba_evaluator.log 2>&1 &
   { for b in 0.8 0.2; do for a in 0.01 0.05 0.1 0.5; do echo "$b fd $a"; done; for a in 0 0.05 0.5; do echo "$b spd $a"; done; done; } |
-    xargs -P 7 -L 1 sh -c 'python3 ddm.py --dataset celeba --bias $0 --scenarios $1 --alphas $2 --train-only true \
+    P="$P" xargs -P 7 -L 1 sh -c 'python3 ddm.py --dataset celeba $P --bias $0 --scenarios $1 --alphas $2 --train-only true \
       > "runs/logs/celeba_b$0_$1_$2.log" 2>&1'
   wait; stamp "celeba ddm arms end"
   for b in 0.8 0.2; do
-    python3 ddm.py --dataset celeba --bias $b --scenarios fd --alphas 0,0.01,0.05,0.1,0.5 \
+    python3 ddm.py --dataset celeba $P --bias $b --scenarios fd --alphas 0,0.01,0.05,0.1,0.5 \
       --report runs/celeba/ddm-b$b-fd > $L/ddm_celeba_b${b}_fd.log 2>&1 &
-    python3 ddm.py --dataset celeba --bias $b --scenarios spd --alphas 0,0.05,0.5 \
+    python3 ddm.py --dataset celeba $P --bias $b --scenarios spd --alphas 0,0.05,0.5 \
       --report runs/celeba/ddm-b$b-spd > $L/ddm_celeba_b${b}_spd.log 2>&1 &
   done
   wait; stamp "celeba ddm reports end"
