@@ -59,6 +59,7 @@ class DataConfig:
     digits: str = "7,8"            # mnist-pair: digit of group 0, digit of group 1
     cond_attr: str = "Smiling"     # celeba: the class label c
     cell_ratio: str = ""           # celeba: cond x group cell shares, e.g. "1,4,4,1" (overrides bias)
+    min_cell: int = 100            # celeba with cell_ratio: refuse a split whose cell has fewer images
     download: bool = False         # let torchvision download MNIST / CelebA (needs a network)
     seed: int = 0
 
@@ -239,20 +240,36 @@ def _celeba(cfg, split, gen):
     partition = torch.tensor([int(part[name]) for name in ids])
     wanted = {"train": 0, "val": 1, "test": 2}[split]
     pool = (partition == wanted).nonzero().squeeze(1)
-    if split == "train" and cfg.cell_ratio:
+    if cfg.cell_ratio:
         ratios = [float(r) for r in cfg.cell_ratio.split(",")]
         if len(ratios) != 4 or min(ratios) < 0:
             raise ValueError(f"--cell-ratio {cfg.cell_ratio!r} needs four shares >= 0 for "
                              "(cond,male):(cond,female):(not cond,male):(not cond,female)")
-        cell = (1 - label[pool]) * 2 + group[pool]                # 0..3 in the order above
+        cells = (1 - label) * 2 + group                            # 0..3 in the order above
+        for name, k in (("train", 0), ("val", 1), ("test", 2)):    # all splits: fail before any training
+            check_cells(cells[partition == k], ratios if name == "train" else [1.0] * 4, cfg, name)
+        cell = cells[pool]
+    if split == "train" and cfg.cell_ratio:
         idx = pool[biased_indices(cell, ratios, cfg.n_train or 0, gen)]
     elif split == "train":
         idx = pool[biased_indices(group[pool], [cfg.bias, 1 - cfg.bias], cfg.n_train or 7000, gen)]
     else:  # balanced in the group, and, for InvDiff's cells, in the cond attribute too
-        cell = (1 - label[pool]) * 2 + group[pool] if cfg.cell_ratio else group[pool]
-        idx = pool[biased_indices(cell, [1.0] * (4 if cfg.cell_ratio else 2), 0, gen)]
+        balanced = cell if cfg.cell_ratio else group[pool]
+        idx = pool[biased_indices(balanced, [1.0] * (4 if cfg.cell_ratio else 2), 0, gen)]
     images = celeba_images(root, ids)[idx]
     return Split(images, group[idx], label[idx], ["male", "female"], 2)
+
+
+def check_cells(cell: torch.Tensor, shares, cfg: DataConfig, split: str):
+    """Refuse a split in which a cell that is asked for holds fewer than cfg.min_cell images (the
+    rarest cell sets the training-set size, and the evaluation classifiers learn from every cell)."""
+    counts = torch.bincount(cell, minlength=4).tolist()
+    names = [f"{c}, {g}" for c in (cfg.cond_attr, f"not {cfg.cond_attr}") for g in ("male", "female")]
+    for k, (n, share) in enumerate(zip(counts, shares)):
+        if share > 0 and n < cfg.min_cell:
+            raise ValueError(f"--cond-attr {cfg.cond_attr}: the {split} split has only {n} images of "
+                             f"({names[k]}), fewer than --min-cell {cfg.min_cell}; choose another "
+                             f"--cond-attr (e.g. Smiling) or lower --min-cell")
 
 
 def export_celeba64(cfg: DataConfig, out: Path):

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 PRESETS = ("tiny", "small", "full")
 FILLED_IN = ("preset", "vae")     # config fields the code fills in, never flags
-NOT_HASHED = ("data_root", "ckpt_every", "log_every", "compile", "download")
+NOT_HASHED = ("data_root", "ckpt_every", "log_every", "compile", "download", "min_cell")
 
 
 @dataclass

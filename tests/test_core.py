@@ -486,7 +486,10 @@ def test_celeba_missing_images_and_cell_ratio(tmp_path):
     root = write_celeba(tmp_path / "data")
     for i in (0, 3, 40):                                           # two train images and one test image
         (root / "celeba" / "img_align_celeba" / f"{i + 1:06d}.jpg").unlink()
-    cfg = DataConfig(dataset="celeba", data_root=str(root), n_train=16, cell_ratio="1,3,3,1")
+    with pytest.raises(ValueError, match=r"--cond-attr Smiling: the train split has only \d+ images of "
+                                         r"\(Smiling, male\), fewer than --min-cell 100"):
+        data.load(DataConfig(dataset="celeba", data_root=str(root), n_train=16, cell_ratio="1,3,3,1"), "train")
+    cfg = DataConfig(dataset="celeba", data_root=str(root), n_train=16, cell_ratio="1,3,3,1", min_cell=1)
     train = data.load(cfg, "train")
     ids = image_ids(train)
     assert not set(ids.tolist()) & {0, 3, 40}
