@@ -244,7 +244,8 @@ def main():
     values = {**asdict(cfg), **PRESETS[args.preset], **celeba, **explicit_flags(DDMConfig, args)}
     cfg = DDMConfig(**values)
     run_sweep(cfg, args.preset, args.runs, args.device, args.fresh)   # prints the final table
-    print(f"report: {Path(cfg.report or Path(args.runs) / cfg.dataset / 'ddm') / 'report.md'}")
+    if not cfg.train_only:
+        print(f"report: {Path(cfg.report or Path(args.runs) / cfg.dataset / 'ddm') / 'report.md'}")
 
 
 if __name__ == "__main__":
