@@ -347,7 +347,8 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
             finite &= torch.isfinite(loss)
             loss_sum += loss.float()
             step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps or step % cfg.ckpt_every == 0 or stop.requested:
+            stopping = stop.requested  # read once: a signal between the checks below waits a step
+            if step % cfg.log_every == 0 or step == cfg.steps or step % cfg.ckpt_every == 0 or stopping:
                 if world > 1:  # the global batch's loss (not rank 0's share); every rank stops together
                     total = torch.stack([loss_sum / world, (~finite).float()])
                     dist.all_reduce(total)
@@ -366,9 +367,9 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
                     log.flush()
                 bar.set_postfix(loss=f"{last_loss:.4f}")
             bar.update(1)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop.requested:
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
                 save(last_loss)
-            if stop.requested:
+            if stopping:
                 bar.close()
                 if log:
                     log.close()
