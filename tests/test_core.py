@@ -28,7 +28,7 @@ from data import DataConfig  # noqa: E402
 from ddpm import DDIMScheduler, DDPMScheduler, diffusion_loss, drop_labels, sample_latents  # noqa: E402
 from train import TrainConfig, checkpoint, config_hash  # noqa: E402
 from unet import UNet  # noqa: E402
-from idx import write_idx_split  # noqa: E402  (tests/idx.py)
+from idx import write_mnist  # noqa: E402  (tests/idx.py)
 
 torch.set_num_threads(1)   # tiny models: more threads only spin on a shared CPU
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -53,18 +53,9 @@ def synthetic_mnist(n, seed):
     return images, labels
 
 
-def write_mnist(root: Path, n_train=2400, n_test=400) -> Path:
-    """A synthetic MNIST in torchvision's raw layout (uncompressed IDX files)."""
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        write_idx_split(raw, split, *synthetic_mnist(n, seed))
-    return root
-
-
 @pytest.fixture(scope="module")
 def mnist_root(tmp_path_factory):
-    return write_mnist(tmp_path_factory.mktemp("mnist"))
+    return write_mnist(tmp_path_factory.mktemp("mnist"), synthetic_mnist, 2400, 400)
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,7 @@ from data import DataConfig, load  # noqa: E402
 from evaluate import (Evaluator, bias_score, bootstrap, evaluate_arm, evaluate_arms, fd_half_l1, fd_l2, format_table,
                       frechet_distance, frechet_from_moments, get_evaluator, group_shares, moments,
                       share_weights, spd)
-from idx import write_idx_split  # noqa: E402  (tests/idx.py)
+from idx import write_mnist  # noqa: E402  (tests/idx.py)
 
 torch.set_num_threads(min(4, os.cpu_count() or 1))
 REAL_ROOT = os.environ.get("FAIRDIFF_DATA", "")
@@ -46,17 +46,9 @@ def synthetic_digits(n, seed):
     return images, labels
 
 
-def write_mnist(root: Path, n_train=3000, n_test=600):
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        write_idx_split(raw, split, *synthetic_digits(n, seed))
-    return root
-
-
 @pytest.fixture(scope="session")
 def fake_root(tmp_path_factory):
-    return write_mnist(tmp_path_factory.mktemp("fake_data"))
+    return write_mnist(tmp_path_factory.mktemp("fake_data"), synthetic_digits, 3000, 600)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 model, and a tiny end-to-end run (synthetic MNIST in torchvision's layout, so it needs no data)."""
 import json
 import math
-import struct
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's flat modules without installing
 import ddpm  # noqa: E402
 import invdiff  # noqa: E402
+from idx import write_mnist  # noqa: E402  (tests/idx.py)
 from invdiff import (ArmConfig, build_module, environment_risks, environment_table, guided_prediction,  # noqa: E402
                      infer_environments, invariance_loss, per_sample_losses, project_rows, train_module)
 from unet import UNet, count_parameters  # noqa: E402
@@ -184,23 +184,18 @@ def test_bad_flags_name_the_value():
 
 
 # ------------------------------------------------------------------------------------ end to end
-def write_mnist(root: Path, n_train=2400, n_test=400):
-    """Synthetic MNIST (torchvision's raw layout): digit k is a bar at a k-dependent place."""
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for split, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        gen = torch.Generator().manual_seed(seed)
-        labels = torch.arange(n) % 10
-        images = torch.zeros(n, 28, 28, dtype=torch.uint8)
-        for i, k in enumerate(labels.tolist()):
-            at = 3 + 5 * (k % 5) + int(torch.randint(-1, 2, (1,), generator=gen))
-            if k < 5:
-                images[i, at:at + 3, 4:24] = 220
-            else:
-                images[i, 4:24, at:at + 3] = 220
-        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.numpy().tobytes())
-        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
-    return root
+def bar_digits(n: int, seed: int):
+    """Synthetic digits: digit k is a bar at a k-dependent place (rows for 0-4, columns for 5-9)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+    for i, k in enumerate(labels.tolist()):
+        at = 3 + 5 * (k % 5) + int(torch.randint(-1, 2, (1,), generator=gen))
+        if k < 5:
+            images[i, at:at + 3, 4:24] = 220
+        else:
+            images[i, 4:24, at:at + 3] = 220
+    return images, labels
 
 
 def finite(value):
@@ -212,7 +207,7 @@ def finite(value):
 
 
 def test_tiny_end_to_end_run_reports_every_arm(tmp_path, capsys):
-    root, runs = write_mnist(tmp_path / "data"), tmp_path / "runs"
+    root, runs = write_mnist(tmp_path / "data", bar_digits, 2400, 400), tmp_path / "runs"
     invdiff.main(["--dataset", "cmnist", "--preset", "tiny", "--device", "cpu", "--runs", str(runs),
                   "--data-root", str(root), "--steps", "20", "--samples-per-class", "6", "--env-iters", "100"])
     out = runs / "cmnist" / "invdiff"
