@@ -36,7 +36,7 @@ environments and reports how they line up with the hidden groups, trains the arm
 seeds) base (r = 0, no training) · invdiff (λ = 1) · lambda0 (λ = 0) · random (W's rows shuffled over
 images: same sizes and softness, no information) · oracle (W = one-hot true groups, the upper bound),
 samples `samples_per_class` images per class from the same seeds, and writes runs/<dataset>/invdiff/
-(report.md, metrics.json, environments.md/json, samples_<arm>.png, samples.png).
+or --report (report.md, metrics.json, environments.md/json, samples_<arm>.png, samples.png).
 """
 import json
 import math
@@ -80,6 +80,7 @@ class InvDiffConfig(data.DataConfig, TrainConfig):
     guidance_scale: float = 2.0    # CFG scale s (ε̃ in both passes)
     sample_steps: int = 50         # DDIM steps
     eval_epochs: int = 0           # evaluation classifiers' epochs (0 = evaluate.py's defaults)
+    report: str = ""               # report folder (default runs/<dataset>/invdiff)
     train_only: bool = False       # train the arms, skip sampling and the report (one process per arm
                                    # with --arms NAME, then one run with every arm reuses them)
 
@@ -99,7 +100,8 @@ PRESETS = {
     "small": dict(steps=3000, batch_size=1024, lr=4e-4, warmup=200, ckpt_every=1000),
     "full": dict(steps=10000, batch_size=1024, lr=2e-4, warmup=500, ckpt_every=2500),
 }
-SAMPLING_ONLY = ("arms", "samples_per_class", "guidance_scale", "sample_steps", "eval_epochs", "train_only")
+SAMPLING_ONLY = ("arms", "samples_per_class", "guidance_scale", "sample_steps", "eval_epochs", "report",
+                 "train_only")
 
 
 def check(cfg: InvDiffConfig):
@@ -280,7 +282,7 @@ def run_experiment(cfg: InvDiffConfig, pipe: ddpm.Pipeline, runs, preset, device
     z0, label, K = latents["z0"], latents["label"], latents["num_classes"]     # [N, c, h, w], [N]
     base = pipe.unet.eval().requires_grad_(False)
     scheduler = ddpm.build_scheduler(pipe.cfg, "ddpm")
-    out = Path(runs) / cfg.dataset / "invdiff"
+    out = Path(cfg.report or Path(runs) / cfg.dataset / "invdiff")
     out.mkdir(parents=True, exist_ok=True)
 
     # 1. environments from the frozen model's losses (the group is read only for the table)

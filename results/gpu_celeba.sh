@@ -2,17 +2,21 @@
 # The CelebA-64 runs owed by issues "DDM" and "InvDiff", in one flow that fits one machine lease
 # (a machine goes back after 30 minutes held, and runs/ goes with it):
 #
-#   bash results/gpu_celeba.sh          # ~25 min on one H100; PRESET=tiny: a CPU dry run of it
+#   bash results/gpu_celeba.sh          # ~29 min on one H100; PRESET=tiny: a CPU dry run of it
 #
-# 1. the autoencoder (2,000 steps, 197 s on an H100 in this repo's logs);
+# Stage times are those measured on an H100 in the third session (runs/timeline.txt there):
+# 1. the autoencoder (2,000 steps): 110 s;
 # 2. three base models side by side: DDM at train M:F 4:1 and 1:4 (each with its α = 0 FD arm) and
-#    InvDiff's Smiling × Male 1:4:4:1 (2,000 steps at batch 1024; 2.8 steps/s each when three share);
+#    InvDiff's Smiling × Male 1:4:4:1 (2,000 steps at batch 1024, 3.55 steps/s each): 618 s;
 # 3. every fine-tune as its own process, 8 at a time: DDM FD α ∈ {0.01, 0.05, 0.1, 0.2, 0.5} and
 #    SPD α ∈ {0, 0.05, 0.5} per ratio (500 steps, batch 256), InvDiff's four arms (1,000 steps, batch
-#    512), with the evaluation classifiers training beside them;
-# 4. the reports (sampling + evaluation), all five side by side.
+#    512), with the evaluation classifiers training beside them: 462 s. Since then InvDiff's four arms
+#    also run in the additive form ε̃ = ε_θ + r·G_ψ (the convex form's faces came out degraded:
+#    results/celeba/invdiff/samples_training_*.png), about two minutes more;
+# 4. the reports (sampling + evaluation), all six side by side: under 394 s (they shared the GPU
+#    with cmnist runs there, and one of them ran out of GPU memory, hence expandable segments).
 # Every stage is cached by its config hash, so a second run continues where a cut one stopped.
-export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 TORCH_LOGS=-all
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 TORCH_LOGS=-all PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export L=runs/logs P="--preset ${PRESET:-small}"
 mkdir -p $L
 stamp() { echo "$(date +%s) $*" >> runs/timeline.txt; }
@@ -20,11 +24,11 @@ export INV="--dataset celeba $P"
 [ "${PRESET:-small}" = small ] && INV="$INV --steps 1000 --batch-size 512"
 FD=0,0.01,0.05,0.1,0.2,0.5 SPD=0,0.05,0.5
 
-arm() {  # one fine-tune: "ddm <bias> <scenario> <alpha>" or "invdiff <arm>"
+arm() {  # one fine-tune: "ddm <bias> <scenario> <alpha>" or "invdiff <form> <arm>"
   case $1 in
     ddm) python3 ddm.py --dataset celeba $P --bias $2 --scenarios $3 --alphas $4 --train-only true \
            > $L/celeba_b$2_$3_$4.log 2>&1 ;;
-    invdiff) python3 invdiff.py $INV --arms $2 --train-only true > $L/inv_celeba_$2.log 2>&1 ;;
+    invdiff) python3 invdiff.py $INV --guidance-form $2 --arms $3 --train-only true > $L/inv_celeba_$2_$3.log 2>&1 ;;
   esac
 }
 export -f arm
@@ -33,7 +37,7 @@ stamp "celeba start"
 python3 vae.py --dataset celeba $P > $L/celeba_vae.log 2>&1 || exit
 stamp "celeba vae end"
 for b in 0.8 0.2; do arm ddm $b fd 0 & done
-arm invdiff base &
+arm invdiff convex base &
 wait; stamp "celeba bases end"
 
 python3 evaluate.py --n 200 --run "$(ls -d runs/celeba/base-* | head -1)" > $L/celeba_evaluator.log 2>&1 &
@@ -41,7 +45,7 @@ python3 evaluate.py --n 200 --run "$(ls -d runs/celeba/base-* | head -1)" > $L/c
     for a in ${FD//,/ }; do [ $a = 0 ] || echo "ddm $b fd $a"; done
     for a in ${SPD//,/ }; do echo "ddm $b spd $a"; done
   done
-  for a in invdiff lambda0 random oracle; do echo "invdiff $a"; done
+  for f in convex additive; do for a in invdiff lambda0 random oracle; do echo "invdiff $f $a"; done; done
 } | xargs -P 8 -L 1 bash -c 'arm "$@"' _
 wait; stamp "celeba arms end"
 
@@ -52,4 +56,5 @@ for b in 0.8 0.2; do
     > $L/ddm_celeba_b${b}_spd.log 2>&1 &
 done
 python3 invdiff.py $INV > $L/invdiff_celeba.log 2>&1 &
+python3 invdiff.py $INV --guidance-form additive --report runs/celeba/invdiff-additive > $L/invdiff_celeba_additive.log 2>&1 &
 wait; stamp "celeba reports end"

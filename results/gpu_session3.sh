@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# What the third session ran on one H100 lease (started detached by results/gpu_call.sh):
-# the CUDA-graph probe alone on the GPU, the CelebA runs, then a plain `python ddm.py --dataset cmnist`
-# from nothing (its wall time, alone on the GPU), then the cmnist DDM variants (LoRA; CE only at
-# small t) on that run's base model.
+# What the third session ran on one H100 lease (started detached by the gpu_call.sh of then): the
+# CUDA-graph probe, the CelebA runs, a plain `python ddm.py --dataset cmnist` from nothing, the cmnist
+# DDM variants. Kept as the record. What went wrong, fixed in gpu_call.sh and gpu_session4.sh:
+# the data was unpacked into carry/ and the probe wrote to bench/, and the second call's re-sent working
+# tree removed both, so the CelebA reports failed at their start (rerun by gpu_session3b.sh) and the
+# probe's output was lost (rerun alone at the end); the last call's archive was over the 16 MiB a file
+# may have to come back, so only the logs' last lines returned. See README "CelebA-64".
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 TORCH_LOGS=-all
 L=runs/logs; mkdir -p $L
 stamp() { echo "$(date +%s) $*" >> runs/timeline.txt; }

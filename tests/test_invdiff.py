@@ -234,3 +234,11 @@ def test_tiny_end_to_end_run_reports_every_arm(tmp_path, capsys):
                   "--train-only", "true"])
     assert {p: p.stat().st_mtime_ns for p in (runs / "cmnist").glob("invdiff-*-*/ckpt.pt")} == stamps
     assert (out / "metrics.json").stat().st_mtime_ns == report                # no sampling, no report
+    # --report writes elsewhere and is not part of an arm's identity: the trained arm is reused
+    invdiff.main(["--dataset", "cmnist", "--preset", "tiny", "--device", "cpu", "--runs", str(runs),
+                  "--data-root", str(root), "--steps", "20", "--samples-per-class", "6", "--env-iters", "100",
+                  "--arms", "base,oracle", "--report", str(tmp_path / "other")])
+    assert {p: p.stat().st_mtime_ns for p in (runs / "cmnist").glob("invdiff-*-*/ckpt.pt")} == stamps
+    other = json.loads((tmp_path / "other" / "metrics.json").read_text())
+    assert [arm["name"] for arm in other["arms"]] == ["base", "oracle"]
+    assert (out / "metrics.json").stat().st_mtime_ns == report
