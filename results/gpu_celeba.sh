@@ -14,7 +14,8 @@
 #    also run in the additive form ε̃ = ε_θ + r·G_ψ (the convex form's faces came out degraded:
 #    results/celeba/invdiff/samples_training_*.png), about two minutes more;
 # 4. the reports (sampling + evaluation), all six side by side: under 394 s (they shared the GPU
-#    with cmnist runs there, and one of them ran out of GPU memory, hence expandable segments).
+#    with cmnist runs there, and one of them ran out of GPU memory: hence expandable segments, and
+#    any report without its metrics.json is run again alone).
 # Every stage is cached by its config hash, so a second run continues where a cut one stopped.
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 TORCH_LOGS=-all PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export L=runs/logs P="--preset ${PRESET:-small}"
@@ -49,12 +50,18 @@ python3 evaluate.py --n 200 --run "$(ls -d runs/celeba/base-* | head -1)" > $L/c
 } | xargs -P 8 -L 1 bash -c 'arm "$@"' _
 wait; stamp "celeba arms end"
 
-for b in 0.8 0.2; do
-  python3 ddm.py --dataset celeba $P --bias $b --scenarios fd --alphas $FD --report runs/celeba/ddm-b$b-fd \
-    > $L/ddm_celeba_b${b}_fd.log 2>&1 &
-  python3 ddm.py --dataset celeba $P --bias $b --scenarios spd --alphas $SPD --report runs/celeba/ddm-b$b-spd \
-    > $L/ddm_celeba_b${b}_spd.log 2>&1 &
-done
-python3 invdiff.py $INV > $L/invdiff_celeba.log 2>&1 &
-python3 invdiff.py $INV --guidance-form additive --report runs/celeba/invdiff-additive > $L/invdiff_celeba_additive.log 2>&1 &
-wait; stamp "celeba reports end"
+reports() {  # one line per report: "<folder> <script and flags>"; $1 = how many at once
+  for b in 0.8 0.2; do
+    echo "runs/celeba/ddm-b$b-fd ddm.py --dataset celeba $P --bias $b --scenarios fd --alphas $FD"
+    echo "runs/celeba/ddm-b$b-spd ddm.py --dataset celeba $P --bias $b --scenarios spd --alphas $SPD"
+  done
+  echo "runs/celeba/invdiff invdiff.py $INV"
+  echo "runs/celeba/invdiff-additive invdiff.py $INV --guidance-form additive"
+}
+report() {  # skipped when its metrics.json exists
+  [ -f $1/metrics.json ] || python3 "${@:2}" --report $1 > $L/report_$(basename $1).log 2>&1
+}
+export -f report
+reports | xargs -P 6 -L 1 bash -c 'report "$@"' _
+reports | xargs -P 1 -L 1 bash -c 'report "$@"' _     # again, one at a time, any that failed (GPU memory)
+stamp "celeba reports end"
