@@ -10,7 +10,8 @@ Each figure is the median of several timed windows after warm-up, with torch.cud
 closing every window:
 
     train img/s     = B / (one train() step: bf16 autocast diffusion loss, backward, grad clip,
-                           fused AdamW, LR schedule, EMA with torch._foreach_lerp_)
+                           fused AdamW, LR schedule, EMA with torch._foreach_* ops;
+                           --cuda-graph: that step captured once and replayed, train.GraphStep)
     sample img/s    = n / (n noises -> n uint8 images: DDIM-50 or DDPM-1000, then the VAE decode)
     FLOPs / image   = torch.utils.flop_counter.FlopCounterMode on a small batch (attention through
                       its math kernel, so every backend's attention is counted the same way)
@@ -31,6 +32,7 @@ The JSON (rewritten after each config, so a cut-off run keeps what it measured):
 
     python bench.py                                   # -> bench/<device>.json and a table
     python bench.py --compare diffusers --compile --channels-last
+    python bench.py --compare diffusers --cuda-graph --no-sampling     # the training step only
     python bench.py --quick --device cpu --out /tmp/bench.json   # tiny sizes: a smoke test
 """
 import argparse
@@ -49,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import ddpm
 import vae as vae_lib
-from train import EMA, ConfigError, lr_lambda, main_guard, train_step
+from train import EMA, ConfigError, GraphStep, main_guard, optimizer, train_step
 from unet import count_parameters
 
 DATASETS = {"cmnist": dict(num_classes=10, latent=(4, 8, 8)),      # class = digit
@@ -144,12 +146,12 @@ def diffusers_unet(cfg: ddpm.DiffusionConfig, num_classes: int, latent) -> Diffu
 
 
 # ---------------------------------------------------------------------------------- one model
-def make_train_step(model, cfg, z0, label, num_classes, device, compile: bool):
-    """A closure doing exactly one step of train.train()'s inner loop on the resident latents."""
+def make_train_step(model, cfg, z0, label, num_classes, device, compile: bool, graph=False):
+    """A closure doing exactly one step of train.train()'s inner loop on the resident latents
+    (graph: the step captured in a CUDA graph, as train() does with --cuda-graph true)."""
     cuda = str(device).startswith("cuda")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    opt, sched = optimizer(params, cfg, cuda, graph)
     ema = EMA(params, cfg.ema_decay)
     scheduler = ddpm.build_scheduler(cfg, "ddpm")
     gen = torch.Generator(device).manual_seed(cfg.seed)
@@ -163,9 +165,14 @@ def make_train_step(model, cfg, z0, label, num_classes, device, compile: bool):
         cond = ddpm.drop_labels(label[idx], num_classes, cfg.p_uncond, gen)
         return ddpm.diffusion_loss(net, scheduler, z0[idx], cond, gen)
 
+    graph_step = GraphStep(net, loss_fn, gen, opt, sched, ema, params, cfg.grad_clip) if graph else None
+
     def one_step():
         nonlocal step, finite
-        loss = train_step(net, loss_fn, step, gen, opt, sched, ema, params, cfg.grad_clip, cuda)
+        if graph_step:
+            loss = graph_step(step)
+        else:
+            loss = train_step(net, loss_fn, step, gen, opt, sched, ema, params, cfg.grad_clip, cuda)
         finite &= torch.isfinite(loss)
         loss_sum.add_(loss.float())
         step += 1
@@ -187,7 +194,8 @@ def bench_model(model, cfg, vae, num_classes, plan, args) -> dict:
     gen = torch.Generator(device).manual_seed(0)
     z0 = torch.randn((N_LATENTS, *latent), generator=gen, device=device).contiguous(memory_format=fmt)  # [N, 4, h, w]
     label = torch.randint(num_classes, (N_LATENTS,), generator=gen, device=device)                     # [N]
-    step, mean_loss, scheduler = make_train_step(model, cfg, z0, label, num_classes, device, args.compile)
+    step, mean_loss, scheduler = make_train_step(model, cfg, z0, label, num_classes, device, args.compile,
+                                                 args.cuda_graph)
 
     def train_flops():
         with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
@@ -203,6 +211,8 @@ def bench_model(model, cfg, vae, num_classes, plan, args) -> dict:
            "train_loss": mean_loss(), "train_gflop_per_img": flops_train / 1e9,
            "train_mfu": mfu(cfg.batch_size / s_step * flops_train, args.peak)}
 
+    if not args.sampling:
+        return out
     net = torch.compile(model) if args.compile else model
     pipe = ddpm.Pipeline(cfg, vae, net, plan["preset"], device)            # puts the model in eval mode
     if pipe.latent_shape != latent:
@@ -244,6 +254,8 @@ def parse_args(argv=None):
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: cmnist,celeba")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (training and sampling)")
     p.add_argument("--channels-last", action="store_true", help="channels_last weights and latents")
+    p.add_argument("--cuda-graph", action="store_true", help="the training step captured in a CUDA graph")
+    p.add_argument("--no-sampling", dest="sampling", action="store_false", help="time training only")
     p.add_argument("--compare", choices=["diffusers"], default=None, help="also time diffusers' UNet2DModel")
     p.add_argument("--quick", action="store_true", help="tiny models and a few iterations (a smoke test)")
     p.add_argument("--out", default=None, help="JSON path (default bench/<device>[-compile][-channels-last][-quick].json)")
@@ -257,6 +269,10 @@ def parse_args(argv=None):
         raise ConfigError(f"unknown dataset {bad[0]!r} in --datasets; choose from {', '.join(DATASETS)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device} but CUDA is not available; use --device cpu")
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        raise ConfigError(f"--cuda-graph needs a CUDA device, not --device {args.device}")
+    if args.cuda_graph and args.compile:
+        raise ConfigError("--cuda-graph and --compile: choose one")
     return args
 
 
@@ -277,13 +293,13 @@ def main(argv=None):
     args.peak = info["peak_bf16_dense_flops"]
     compare = diffusers_version() if args.compare == "diffusers" else None
     report = {**info, "torch": torch.__version__, "diffusers": compare, "vae": VAE_NOTE,
-              "options": {"batch_size": plan["batch_size"], "compile": args.compile,
+              "options": {"batch_size": plan["batch_size"], "compile": args.compile, "cuda_graph": args.cuda_graph,
                           "channels_last": args.channels_last, "quick": args.quick,
                           "precision": "bf16 autocast" if args.device.startswith("cuda") else "fp32",
                           "optimizer": "AdamW (fused on CUDA), grad clip, EMA"},
               "configs": {}}
-    flags = [name for name, on in (("compile", args.compile), ("channels-last", args.channels_last),
-                                   ("quick", args.quick)) if on]
+    flags = [name for name, on in (("compile", args.compile), ("cuda-graph", args.cuda_graph),
+                                   ("channels-last", args.channels_last), ("quick", args.quick)) if on]
     out = Path(args.out or f"bench/{'-'.join([info['device_slug'], *flags])}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{info['device']}, torch {torch.__version__}, batch {plan['batch_size']}"
@@ -311,8 +327,9 @@ def main(argv=None):
         report["configs"][dataset] = entry
         for name in ("fairdiff", "diffusers")[:1 + bool(compare)]:
             r = entry[name]
-            print(f"  {dataset} {name}: train {r['train_img_per_s']:.0f} img/s, DDIM "
-                  f"{r['sample_ddim']['img_per_s']:.1f} img/s, DDPM {r['sample_ddpm']['img_per_s']:.2f} img/s")
+            sampled = (f", DDIM {r['sample_ddim']['img_per_s']:.1f} img/s, DDPM {r['sample_ddpm']['img_per_s']:.2f} "
+                       f"img/s" if "sample_ddim" in r else "")
+            print(f"  {dataset} {name}: train {r['train_img_per_s']:.0f} img/s{sampled}")
         out.write_text(json.dumps(report, indent=2) + "\n")         # after each config: partial runs count
     print(format_table(report))
     print(f"-> {out}")
@@ -330,14 +347,16 @@ def format_table(report) -> str:
             r = entry.get(name)
             if r is None:
                 continue
+            ddim, ddpm_ = r.get("sample_ddim", {}), r.get("sample_ddpm", {})   # absent with --no-sampling
             rows.append(f"{dataset:8} {name:9} {r['params'] / 1e6:>7.2f}M {num(r['train_img_per_s'], '12.0f')} "
                         f"{num(r['train_ms_per_step'], '8.2f')} {num(r['train_peak_mem_gib'], '9.2f')} "
                         f"{num(r['train_gflop_per_img'], '10.2f')} {num(r['train_mfu'], '6.1%')} "
-                        f"{num(r['sample_ddim']['img_per_s'], '11.1f')} {num(r['sample_ddpm']['img_per_s'], '11.2f')} "
-                        f"{num(r['sample_ddim']['mfu'], '9.1%')}")
+                        f"{num(ddim.get('img_per_s'), '11.1f')} {num(ddpm_.get('img_per_s'), '11.2f')} "
+                        f"{num(ddim.get('mfu'), '9.1%')}")
     steps = next(iter(report["configs"].values()))["fairdiff"]
-    rows.append(f"sampling: {steps['sample_ddim']['images']} images, DDIM-{steps['sample_ddim']['steps']} / "
-                f"DDPM-{steps['sample_ddpm']['steps']}, VAE decode included ({report['vae']})")
+    if "sample_ddim" in steps:
+        rows.append(f"sampling: {steps['sample_ddim']['images']} images, DDIM-{steps['sample_ddim']['steps']} / "
+                    f"DDPM-{steps['sample_ddpm']['steps']}, VAE decode included ({report['vae']})")
     return "\n".join(rows)
 
 

@@ -220,17 +220,19 @@ def guided_prediction(base, module, z_t, t, cond, *, r=0.8, form="convex"):
 
 # ------------------------------------------------------------------ 3. invariance objective (min)
 def environment_risks(losses, W) -> torch.Tensor:
-    """R_k = Σ_i w_ik ℓ_i / Σ_i w_ik for the environments with weight in the batch: [K' ≤ K]."""
-    mass = W.sum(0)                                                             # [K]
-    carry = mass > 0
-    return (W[:, carry] * losses[:, None]).sum(0) / mass[carry]
+    """R_k = Σ_i w_ik ℓ_i / Σ_i w_ik: [K] (0 for an environment without weight in the batch)."""
+    return (W * losses[:, None]).sum(0) / W.sum(0).clamp(min=1e-12)
 
 
 def invariance_loss(losses, W, lam=1.0) -> torch.Tensor:
-    """mean_k R_k + λ · Var_k R_k (unbiased; 0 with a single environment). losses [B], W [B, K]."""
-    R = environment_risks(losses, W)
-    variance = R.var() if len(R) > 1 else R.new_zeros(())
-    return R.mean() + lam * variance
+    """mean_k R_k + λ · Var_k R_k over the environments with weight in the batch (unbiased; 0 with a
+    single one). losses [B], W [B, K]. Masks, not indexing, so a CUDA graph can capture it."""
+    R = environment_risks(losses, W)                                            # [K]
+    carry = (W.sum(0) > 0).to(R.dtype)                                          # [K] 1 = has weight
+    n = carry.sum()
+    mean = (R * carry).sum() / n
+    variance = ((R - mean).square() * carry).sum() / (n - 1).clamp(min=1)
+    return mean + lam * variance
 
 
 def train_module(base, module, scheduler, z0, label, W, cfg: ArmConfig, out, *, p_uncond=0.1,

@@ -3,10 +3,11 @@
     for step in range(start, steps):
         loss = loss_fn(model, step)                        # the stage decides what a batch is
         loss.backward(); clip_grad_norm_(params, grad_clip); AdamW.step(); lr_schedule.step()
-        ema ← lerp(ema, params, 1 − decay(step)),   decay(s) = min(ema_decay, (1 + s) / (10 + s))
+        ema ← decay·ema + (1 − decay)·params,   decay(s) = min(ema_decay, (1 + s) / (10 + s))
 
 The EMA warm-up matters: a plain 0.9999 EMA of a short run still sits near the initial weights and
-samples pure noise. On CUDA the forward pass runs under bf16 autocast. Every `ckpt_every` steps and
+samples pure noise. On CUDA the forward pass runs under bf16 autocast, and `--cuda-graph true` replays the
+whole step from one CUDA graph (GraphStep). Every `ckpt_every` steps and
 at the end the whole state (config, step, weights, EMA, optimiser, schedule, RNG) is written to a
 temp file and moved into place with `os.replace`, so a crash never leaves a half-written checkpoint.
 A non-finite loss stops the run before the next checkpoint, so the last good one stays intact.
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 PRESETS = ("tiny", "small", "full")
 FILLED_IN = ("preset", "vae")     # config fields the code fills in, never flags
-NOT_HASHED = ("data_root", "ckpt_every", "log_every", "compile", "download", "min_cell")
+NOT_HASHED = ("data_root", "ckpt_every", "log_every", "compile", "cuda_graph", "download", "min_cell")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainConfig:
     log_every: int = 50            # loss to log.jsonl / tqdm (the only host-device sync)
     seed: int = 0
     compile: bool = False          # torch.compile the model (CUDA only)
+    cuda_graph: bool = False       # capture the whole step in one CUDA graph (CUDA, one process; GraphStep)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -98,6 +100,8 @@ def check_train_config(cfg: TrainConfig):
     if cfg.steps < 0 or cfg.batch_size <= 0 or cfg.lr <= 0:
         raise ConfigError(f"--steps {cfg.steps} must be >= 0, --batch-size {cfg.batch_size} and "
                           f"--lr {cfg.lr} > 0")
+    if cfg.compile and cfg.cuda_graph:
+        raise ConfigError("--compile true and --cuda-graph true: choose one (both remove launch overhead)")
 
 
 def explicit_flags(cls, args) -> dict:
@@ -213,18 +217,46 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
+def optimizer(params, cfg: TrainConfig, cuda: bool, graph=False):
+    """AdamW (fused on CUDA) and its LR schedule. For a CUDA graph the learning rate is a tensor,
+    which the schedule fills in place before each replay, and the optimiser (on CUDA) capturable."""
+    lr = torch.tensor(cfg.lr, device=params[0].device) if graph else cfg.lr
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=cuda, capturable=graph and cuda)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+def match_optimizer(opt, graph: bool, cuda: bool):
+    """After loading an optimiser state saved in the other mode (load_state_dict brings back the
+    saved param groups): for a CUDA graph the learning rate a tensor and the groups capturable,
+    otherwise a number and not capturable."""
+    for group in opt.param_groups:
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=group["params"][0].device) if graph else lr
+        group["capturable"] = graph and cuda
+
+
 class EMA:
-    """Exponential moving average of the trainable parameters, with warm-up."""
+    """Exponential moving average of the trainable parameters, with warm-up:
+    shadow ← d·shadow + (1 − d)·θ,  d = min(max_decay, (1 + step) / (10 + step)).
+    d lives in a device tensor (set_decay, then apply), so a captured step can read it."""
 
     def __init__(self, params, max_decay: float):
         self.params = list(params)
         self.shadow = [p.detach().clone() for p in self.params]
         self.max_decay = max_decay
+        self.decay = torch.zeros((), device=self.params[0].device)
+
+    def update(self, step: int):
+        self.set_decay(step)
+        self.apply()
+
+    def set_decay(self, step: int):
+        self.decay.fill_(min(self.max_decay, (1 + step) / (10 + step)))
 
     @torch.no_grad()
-    def update(self, step: int):
-        decay = min(self.max_decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - decay)
+    def apply(self):
+        torch._foreach_mul_(self.shadow, self.decay)
+        torch._foreach_add_(self.shadow, torch._foreach_mul([p.detach() for p in self.params], 1 - self.decay))
 
     @torch.no_grad()
     def copy_to(self, params):
@@ -274,6 +306,66 @@ def train_step(net, loss_fn, step, gen, opt, sched, ema, params, grad_clip, cuda
     return loss.detach()
 
 
+class GraphStep:
+    """train_step captured once in a CUDA graph and replayed (`--cuda-graph true`; CUDA, one process).
+
+    The eager step launches ~1,700 small kernels from Python and the GPU mostly waits for the host
+    (bench/profile_step_h100.txt); a replay launches them all at once (bench/graph_probe_h100.txt:
+    1.5–4.3× faster on an H100, the most at small batches). PyTorch's whole-network recipe, and what it asks of the code:
+    * the optimiser from `optimizer(..., graph=True)` (capturable, tensor learning rate) and the EMA's
+      tensor decay, both set on the host before each replay;
+    * loss_fn free of host syncs and shape changes (no .item(), no boolean-mask indexing) and of
+      `step`, which capture freezes; its batch is drawn with `gen`, registered with the graph so
+      every replay draws new numbers and checkpoints keep the generator's state;
+    * the first WARMUP steps run eagerly on a side stream, so lazy state (AdamW's moments, cuBLAS
+      workspaces) exists before capture; they are real training steps. Gradients are left as None
+      before capture, so the captured backward writes them afresh on every replay.
+    `capture=False` keeps every step on the warm-up path (what the CPU tests check)."""
+
+    WARMUP = 3
+
+    def __init__(self, net, loss_fn, gen, opt, sched, ema, params, grad_clip, capture=True):
+        self.net, self.loss_fn, self.gen, self.opt, self.sched, self.ema = net, loss_fn, gen, opt, sched, ema
+        self.params, self.grad_clip, self.capture = params, grad_clip, capture
+        self.graph, self.loss, self.warm = None, None, 0
+
+    def body(self, step) -> torch.Tensor:
+        cuda = self.ema.decay.is_cuda
+        with torch.autocast("cuda", torch.bfloat16, enabled=cuda, cache_enabled=False):
+            loss = self.loss_fn(self.net, step, self.gen)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.opt.step()
+        self.ema.apply()
+        return loss.detach()
+
+    def __call__(self, step) -> torch.Tensor:
+        self.ema.set_decay(step)
+        if not self.capture or self.warm < self.WARMUP:
+            self.opt.zero_grad(set_to_none=True)
+            if self.capture:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    loss = self.body(step)
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                loss = self.body(step)
+            self.warm += 1
+        else:
+            if self.graph is None:
+                self.opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                self.graph = torch.cuda.CUDAGraph()
+                self.graph.register_generator_state(self.gen)
+                with torch.cuda.graph(self.graph):
+                    self.loss = self.body(step)
+            self.graph.replay()
+            loss = self.loss
+        self.sched.step()
+        return loss
+
+
 def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage_cfg=None,
           params=None, sample_fn=None, device="cpu", desc="train") -> dict:
     """Train `params` (default: all of model's) by minimising loss_fn(model, step, generator).
@@ -290,8 +382,10 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
     check_writable(out)
     params = [p for p in (params or model.parameters()) if p.requires_grad]
     cuda = str(device).startswith("cuda")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    graph = cfg.cuda_graph and cuda
+    if graph and world > 1:
+        raise ConfigError("--cuda-graph true trains in one process only (not under torchrun)")
+    opt, sched = optimizer(params, cfg, cuda, graph)
     ema = EMA(params, cfg.ema_decay)
     gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     step, ckpt = 0, out / "ckpt.pt"
@@ -299,6 +393,7 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
         state = load_checkpoint(ckpt, stage_cfg, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
+        match_optimizer(opt, graph, cuda)     # the checkpoint may come from a run with(out) --cuda-graph
         sched.load_state_dict(state["sched"])
         for s, v in zip(ema.shadow, state["ema"]):
             s.copy_(v)
@@ -314,6 +409,7 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None)
     if cfg.compile and cuda:
         net = torch.compile(net)
+    graph_step = GraphStep(net, loss_fn, gen, opt, sched, ema, params, cfg.grad_clip) if graph else None
 
     def save(last_loss):
         gens = [gen.get_state()]
@@ -332,6 +428,8 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
             model.eval()
             sample_fn(model, out)
             model.train()
+            if graph:  # the graph's private memory pool stays reserved: give sampling's back
+                torch.cuda.empty_cache()
         model.load_state_dict(raw)
 
     log = open(out / "log.jsonl", "a") if rank == 0 else None
@@ -343,7 +441,10 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
     one_main_thread = world == 1 and threading.current_thread() is threading.main_thread()
     with StopRequest(one_main_thread) as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
         while step < cfg.steps:
-            loss = train_step(net, loss_fn, step, gen, opt, sched, ema, params, cfg.grad_clip, cuda)
+            if graph_step:
+                loss = graph_step(step)
+            else:
+                loss = train_step(net, loss_fn, step, gen, opt, sched, ema, params, cfg.grad_clip, cuda)
             finite &= torch.isfinite(loss)
             loss_sum += loss.float()
             step += 1
@@ -362,7 +463,7 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
                 dt = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 if log:
-                    log.write(json.dumps({"step": step, "loss": last_loss, "lr": sched.get_last_lr()[0],
+                    log.write(json.dumps({"step": step, "loss": last_loss, "lr": float(sched.get_last_lr()[0]),
                                           "img_per_s": n * cfg.batch_size / dt}) + "\n")
                     log.flush()
                 bar.set_postfix(loss=f"{last_loss:.4f}")
@@ -378,6 +479,9 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
     bar.close()
     if log:
         log.close()
+    if graph_step:  # free the graph and its memory pool, where the gradients live
+        opt.zero_grad(set_to_none=True)
+        graph_step = None
     seconds = time.perf_counter() - t_start
     if world > 1:  # wait for rank 0's last checkpoint, so every rank returns its EMA weights
         dist.barrier()

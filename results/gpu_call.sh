@@ -3,7 +3,7 @@
 # starts SCRIPT (with ARGS) in its own process session (setsid), so that it outlives the call; every
 # call then watches it for at most BUDGET seconds and packs what it has written so far into $OUT.
 # Repeat the same call while the machine is warm until runs/timeline.txt says the script ended:
-#   SCRIPT=results/gpu_session4.sh BUDGET=570 bash results/gpu_call.sh        (carry: ["carry"])
+#   SCRIPT=results/gpu_session4.sh BUDGET=570 bash results/gpu_call.sh   (carry: ["carry", ".whl"])
 # Two lessons of the third session shape this: each call re-sends the working tree, which replaces
 # carry/ and deletes files written into the checkout outside ignored folders, so the data lives in
 # /tmp and every output under runs/; and at most 8 files of 16 MiB come back, so the tables travel in
@@ -13,7 +13,8 @@ export FAIRDIFF_DATA=/tmp/fairdiff-data
 mkdir -p runs/logs
 if [ ! -f runs/driver.pid ]; then
   mkdir -p $FAIRDIFF_DATA && cp -r carry/data/MNIST $FAIRDIFF_DATA/
-  python3 -m zipfile -e carry/celeba.zip $FAIRDIFF_DATA/
+  python3 -c "import tarfile, sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+    carry/celeba.tar.xz $FAIRDIFF_DATA    # CelebA at 64 px: 16,572 faces + the two label files, 26 MB
   if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; fi
   python3 -c "import einops, tqdm; print('einops and tqdm present')"

@@ -552,6 +552,55 @@ def test_kill_and_resume_gives_identical_weights(tmp_path):
     assert not list((tmp_path / "resumed").glob("*.tmp"))
 
 
+def test_graph_step_body_with_tensor_lr_matches_the_eager_step():
+    """GraphStep's body (what --cuda-graph captures: capturable AdamW whose learning rate is a tensor
+    the schedule fills, EMA decay in a tensor, no zero_grad inside) gives the eager train_step's
+    weights, EMA and learning rate. Run here without capture (capture needs CUDA)."""
+    loss_fn = tiny_diffusion_task()
+    cfg = TrainConfig(lr=1e-3, warmup=3, lr_schedule="cosine", steps=8, ema_decay=0.9)
+    runs, saved = {}, {}
+    for graph in (False, True):
+        model = tiny_unet(0)
+        params = list(model.parameters())
+        opt, sched = train_lib.optimizer(params, cfg, cuda=False, graph=graph)
+        ema, g = train_lib.EMA(params, cfg.ema_decay), gen(1)
+        step = train_lib.GraphStep(model, loss_fn, g, opt, sched, ema, params, cfg.grad_clip, capture=False)
+        lr_tensor = opt.param_groups[0]["lr"]                         # a graph reads this very tensor
+        for s in range(cfg.steps):
+            if graph:
+                step(s)
+            else:
+                train_lib.train_step(model, loss_fn, s, g, opt, sched, ema, params, cfg.grad_clip, cuda=False)
+        assert torch.is_tensor(opt.param_groups[0]["lr"]) == graph
+        assert opt.param_groups[0]["lr"] is lr_tensor or not graph        # filled in place, not replaced
+        runs[graph] = (params, ema.shadow, float(opt.param_groups[0]["lr"]))
+        saved[graph] = opt.state_dict()
+    (p0, e0, lr0), (p1, e1, lr1) = runs[False], runs[True]
+    assert lr1 == pytest.approx(lr0) and lr0 < cfg.lr                  # the cosine schedule moved both
+    for a, b in zip(p0 + e0, p1 + e1):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(train_lib.ConfigError, match="choose one"):
+        train_lib.check_train_config(TrainConfig(compile=True, cuda_graph=True))
+    # a checkpoint of either mode resumes in the other: lr and capturable follow the mode
+    for graph in (False, True):
+        opt, _ = train_lib.optimizer(list(tiny_unet(0).parameters()), cfg, cuda=False, graph=graph)
+        opt.load_state_dict(saved[not graph])
+        train_lib.match_optimizer(opt, graph, cuda=True)
+        group = opt.param_groups[0]
+        assert torch.is_tensor(group["lr"]) == graph and group["capturable"] == graph
+        assert float(group["lr"]) == pytest.approx(lr0)
+
+
+def test_ema_is_the_formula():
+    p = torch.nn.Parameter(torch.tensor([2.0]))
+    ema = train_lib.EMA([p], max_decay=0.5)
+    p.data.fill_(4.0)
+    ema.update(step=0)                                               # decay min(0.5, 1/10) = 0.1
+    assert ema.shadow[0].item() == pytest.approx(0.1 * 2 + 0.9 * 4)
+    ema.update(step=100)                                             # decay 0.5
+    assert ema.shadow[0].item() == pytest.approx(0.5 * (0.1 * 2 + 0.9 * 4) + 0.5 * 4)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_checkpoints_at_the_step_and_resumes_exactly(tmp_path, signum):
     """Ctrl-C / SIGTERM mid-run: the step finishes, a checkpoint is written there (not at the last
