@@ -311,7 +311,8 @@ class GraphStep:
 
     The eager step launches ~1,700 small kernels from Python and the GPU mostly waits for the host
     (bench/profile_step_h100.txt); a replay launches them all at once (bench/graph_probe_h100.txt:
-    1.5–4.3× faster on an H100, the most at small batches). PyTorch's whole-network recipe, and what it asks of the code:
+    1.5–4.3× faster on an H100, the most at small batches). PyTorch's whole-network recipe, and
+    what it asks of the code:
     * the optimiser from `optimizer(..., graph=True)` (capturable, tensor learning rate) and the EMA's
       tensor decay, both set on the host before each replay;
     * loss_fn free of host syncs and shape changes (no .item(), no boolean-mask indexing) and of
