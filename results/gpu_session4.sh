@@ -24,9 +24,10 @@ cmnist_variants() {
   { for a in 0 0.01 0.05 0.1 0.2 0.5; do echo "--finetune lora $a"; echo "--ce-max-t 100 $a"; done; } |
     xargs -P 4 -L 1 sh -c 'python3 ddm.py --dataset cmnist --scenarios fd --train-only true \
       $0 $1 --alphas $2 > "runs/logs/cmnist_variant_$1_$2.log" 2>&1'
+  # the full fine-tunes' report first: it trains the evaluation classifiers the other two reuse
+  python3 ddm.py --dataset cmnist --scenarios fd --report runs/cmnist/ddm-full > $L/cmnist_full.log 2>&1
   python3 ddm.py --dataset cmnist --scenarios fd --finetune lora --report runs/cmnist/ddm-lora > $L/cmnist_lora.log 2>&1 &
   python3 ddm.py --dataset cmnist --scenarios fd --ce-max-t 100 --report runs/cmnist/ddm-smallt > $L/cmnist_smallt.log 2>&1 &
-  python3 ddm.py --dataset cmnist --scenarios fd --report runs/cmnist/ddm-full > $L/cmnist_full.log 2>&1 &
   wait; stamp "cmnist variants end"
 }
 cmnist_variants &
