@@ -13,8 +13,9 @@ export FAIRDIFF_DATA=/tmp/fairdiff-data
 mkdir -p runs/logs
 if [ ! -f runs/driver.pid ]; then
   mkdir -p $FAIRDIFF_DATA && cp -r carry/data/MNIST $FAIRDIFF_DATA/
-  python3 -c "import tarfile, sys; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
-    carry/celeba.tar.xz $FAIRDIFF_DATA    # CelebA at 64 px: 16,572 faces + the two label files, 26 MB
+  python3 -c "import tarfile as t, sys; t.open(sys.argv[1]).extractall(sys.argv[2],
+    **({'filter': 'data'} if hasattr(t, 'data_filter') else {}))" carry/celeba.tar.xz $FAIRDIFF_DATA
+  # (CelebA at 64 px: the 16,572 faces and the two label files, 26 MB; the filter where Python has it)
   if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; fi
   python3 -c "import einops, tqdm; print('einops and tqdm present')"
