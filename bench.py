@@ -51,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import ddpm
 import vae as vae_lib
-from train import EMA, ConfigError, GraphStep, main_guard, optimizer, train_step
+from train import EMA, ConfigError, main_guard, make_step, optimizer
 from unet import count_parameters
 
 DATASETS = {"cmnist": dict(num_classes=10, latent=(4, 8, 8)),      # class = digit
@@ -165,14 +165,11 @@ def make_train_step(model, cfg, z0, label, num_classes, device, compile: bool, g
         cond = ddpm.drop_labels(label[idx], num_classes, cfg.p_uncond, gen)
         return ddpm.diffusion_loss(net, scheduler, z0[idx], cond, gen)
 
-    graph_step = GraphStep(net, loss_fn, gen, opt, sched, ema, params, cfg.grad_clip) if graph else None
+    take_step = make_step(net, loss_fn, gen, opt, sched, ema, params, cfg.grad_clip, cuda, graph)
 
     def one_step():
         nonlocal step, finite
-        if graph_step:
-            loss = graph_step(step)
-        else:
-            loss = train_step(net, loss_fn, step, gen, opt, sched, ema, params, cfg.grad_clip, cuda)
+        loss = take_step(step)
         finite &= torch.isfinite(loss)
         loss_sum.add_(loss.float())
         step += 1

@@ -367,6 +367,13 @@ class GraphStep:
         return loss
 
 
+def make_step(net, loss_fn, gen, opt, sched, ema, params, grad_clip, cuda, graph=False):
+    """The loop's step as a callable step -> detached loss: train_step, or with graph a GraphStep."""
+    if graph:
+        return GraphStep(net, loss_fn, gen, opt, sched, ema, params, grad_clip)
+    return lambda step: train_step(net, loss_fn, step, gen, opt, sched, ema, params, grad_clip, cuda)
+
+
 def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage_cfg=None,
           params=None, sample_fn=None, device="cpu", desc="train") -> dict:
     """Train `params` (default: all of model's) by minimising loss_fn(model, step, generator).
@@ -410,7 +417,7 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None)
     if cfg.compile and cuda:
         net = torch.compile(net)
-    graph_step = GraphStep(net, loss_fn, gen, opt, sched, ema, params, cfg.grad_clip) if graph else None
+    take_step = make_step(net, loss_fn, gen, opt, sched, ema, params, cfg.grad_clip, cuda, graph)
 
     def save(last_loss):
         gens = [gen.get_state()]
@@ -442,10 +449,7 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
     one_main_thread = world == 1 and threading.current_thread() is threading.main_thread()
     with StopRequest(one_main_thread) as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
         while step < cfg.steps:
-            if graph_step:
-                loss = graph_step(step)
-            else:
-                loss = train_step(net, loss_fn, step, gen, opt, sched, ema, params, cfg.grad_clip, cuda)
+            loss = take_step(step)
             finite &= torch.isfinite(loss)
             loss_sum += loss.float()
             step += 1
@@ -480,9 +484,9 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
     bar.close()
     if log:
         log.close()
-    if graph_step:  # free the graph and its memory pool, where the gradients live
+    if graph:  # free the graph and its memory pool, where the gradients live
         opt.zero_grad(set_to_none=True)
-        graph_step = None
+        take_step = None
     seconds = time.perf_counter() - t_start
     if world > 1:  # wait for rank 0's last checkpoint, so every rank returns its EMA weights
         dist.barrier()
