@@ -41,7 +41,7 @@ import ddpm
 import evaluate
 import vae as vae_lib
 from train import (ConfigError, TrainConfig, config_hash, explicit_flags, local_batch, main_guard,
-                   parse_config, train)
+                   parse_config, runtime_flags, train)
 
 SCENARIOS = ("fd", "spd")
 
@@ -193,7 +193,8 @@ def run_sweep(cfg: DDMConfig, preset: str, runs: str, device: str, fresh=False, 
     if cfg.finetune not in ("full", "lora"):
         raise ConfigError(f"--finetune {cfg.finetune!r}: choose full or lora")
     t_start = time.perf_counter()
-    pipe = ddpm.ensure_base(ddpm.base_config(ddpm.data_config(cfg), preset), preset, runs, device, fresh)
+    base_cfg = ddpm.base_config(ddpm.data_config(cfg), preset, **runtime_flags(cfg))
+    pipe = ddpm.ensure_base(base_cfg, preset, runs, device, fresh)
     data_cfg = pipe.data_cfg                     # exactly the data the base model was trained on
     latents = vae_lib.encode_dataset(pipe.vae, pipe.run_dir.parent / pipe.cfg.vae, data_cfg, device)
     evaluator = None if cfg.train_only else (evaluator or evaluate.get_evaluator(data_cfg, runs, device))
@@ -238,8 +239,8 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu"
 
 
-def main():
-    cfg, args = parse_config(DDMConfig, {}, description="DDM: α sweep, FD and SPD scenarios, report")
+def main(argv=None):
+    cfg, args = parse_config(DDMConfig, {}, argv, description="DDM: α sweep, FD and SPD scenarios, report")
     celeba = CELEBA_OVERRIDES.get(args.preset, {}) if cfg.dataset == "celeba" else {}
     values = {**asdict(cfg), **PRESETS[args.preset], **celeba, **explicit_flags(DDMConfig, args)}
     cfg = DDMConfig(**values)

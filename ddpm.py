@@ -34,7 +34,7 @@ from torchvision.utils import save_image
 import data
 import vae as vae_lib
 from train import (ConfigError, TrainConfig, check_train_config, config_hash, distributed, load_checkpoint,
-                   local_batch, main_guard, parse_config, seed_everything, train, explicit_flags)
+                   local_batch, main_guard, parse_config, runtime_flags, seed_everything, train, explicit_flags)
 from unet import UNet, count_parameters
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
@@ -306,7 +306,7 @@ def ensure_base(cfg: DiffusionConfig, preset: str, runs: str, device: str, fresh
     check_train_config(cfg)                                   # bad flags fail before the autoencoder trains
     rank, world = distributed()                               # first: under torchrun "cuda" is this rank's GPU
     scheduler = build_scheduler(cfg, "ddpm")
-    vae, vae_dir = vae_lib.ensure_vae(data_cfg, preset, runs, device, fresh)
+    vae, vae_dir = vae_lib.ensure_vae(data_cfg, preset, runs, device, fresh, **runtime_flags(cfg))
     cfg.vae = vae_dir.name
     out = Path(runs) / cfg.dataset / f"base-{config_hash(cfg)}"
     if fresh:

@@ -54,7 +54,7 @@ import ddpm
 import evaluate
 import vae as vae_lib
 from train import (ConfigError, TrainConfig, check_train_config, config_hash, distributed, explicit_flags,
-                   local_batch, main_guard, parse_config, seed_everything, train)
+                   local_batch, main_guard, parse_config, runtime_flags, seed_everything, train)
 from unet import UNet, count_parameters
 
 ENV_LOSSES = ("eps", "authors")
@@ -362,7 +362,7 @@ def main(argv=None):
     check(cfg)
     check_train_config(cfg)                                           # before the autoencoder trains
     data_flags = {k: v for k, v in explicit.items() if k in data.DataConfig.__dataclass_fields__}
-    base_cfg = ddpm.base_config(ddpm.data_config(cfg), args.preset, **data_flags)
+    base_cfg = ddpm.base_config(ddpm.data_config(cfg), args.preset, **data_flags, **runtime_flags(cfg))
     pipe = ddpm.ensure_base(base_cfg, args.preset, args.runs, args.device, args.fresh)
     run_experiment(cfg, pipe, args.runs, args.preset, args.device, args.fresh)
 

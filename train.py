@@ -38,6 +38,7 @@ from tqdm import tqdm
 PRESETS = ("tiny", "small", "full")
 FILLED_IN = ("preset", "vae")     # config fields the code fills in, never flags
 NOT_HASHED = ("data_root", "ckpt_every", "log_every", "compile", "cuda_graph", "download", "min_cell")
+RUNTIME = ("compile", "cuda_graph")   # how a stage runs, not what it learns: passed on to every stage
 
 
 @dataclass
@@ -108,6 +109,11 @@ def explicit_flags(cls, args) -> dict:
     """The config fields the user set on the command line (they beat any preset)."""
     return {f.name: getattr(args, f.name) for f in fields(cls)
             if f.name not in FILLED_IN and getattr(args, f.name) is not None}
+
+
+def runtime_flags(cfg) -> dict:
+    """The RUNTIME flags of cfg, for the stages it builds on (autoencoder, base model)."""
+    return {k: getattr(cfg, k) for k in RUNTIME}
 
 
 def _bool(s: str) -> bool:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ddm  # noqa: E402
 import ddpm  # noqa: E402
+import pytest  # noqa: E402
 from unet import UNet  # noqa: E402
 
 torch.set_num_threads(1)
@@ -77,3 +78,18 @@ def test_fd_sampling_takes_no_group_argument_and_is_seeded():
     scheduler.set_timesteps(5)
     draw = lambda seed: ddpm.sample_latents(unet, scheduler, 3, (4, 8, 8), generator=torch.Generator().manual_seed(seed))
     assert torch.equal(draw(2), draw(2)) and not torch.equal(draw(2), draw(3))
+
+
+def test_runtime_flags_reach_the_base_model(monkeypatch):
+    """--cuda-graph / --compile change how every stage runs: ddm.py passes them to the base model's
+    config (and ensure_base to the autoencoder's; test_invdiff's end-to-end run checks both)."""
+    class Reached(Exception):
+        pass
+
+    def ensure_base(cfg, *args, **kwargs):
+        raise Reached(cfg)
+    monkeypatch.setattr(ddpm, "ensure_base", ensure_base)
+    with pytest.raises(Reached) as got:
+        ddm.main(["--dataset", "cmnist", "--preset", "tiny", "--device", "cpu", "--cuda-graph", "true"])
+    base_cfg = got.value.args[0]
+    assert isinstance(base_cfg, ddpm.DiffusionConfig) and base_cfg.cuda_graph and not base_cfg.compile

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's flat modules without installing
 import ddpm  # noqa: E402
 import invdiff  # noqa: E402
+import train as train_lib  # noqa: E402
 from idx import write_mnist  # noqa: E402  (tests/idx.py)
 from invdiff import (ArmConfig, build_module, environment_risks, environment_table, guided_prediction,  # noqa: E402
                      infer_environments, invariance_loss, per_sample_losses, project_rows, train_module)
@@ -206,10 +207,15 @@ def finite(value):
     return not isinstance(value, float) or math.isfinite(value)
 
 
-def test_tiny_end_to_end_run_reports_every_arm(tmp_path, capsys):
+def test_tiny_end_to_end_run_reports_every_arm(tmp_path, capsys, monkeypatch):
     root, runs = write_mnist(tmp_path / "data", bar_digits, 2400, 400), tmp_path / "runs"
+    stages, check = [], train_lib.check_train_config           # train() checks the config of every stage
+    monkeypatch.setattr(train_lib, "check_train_config", lambda cfg: stages.append(cfg) or check(cfg))
     invdiff.main(["--dataset", "cmnist", "--preset", "tiny", "--device", "cpu", "--runs", str(runs),
-                  "--data-root", str(root), "--steps", "20", "--samples-per-class", "6", "--env-iters", "100"])
+                  "--data-root", str(root), "--steps", "20", "--samples-per-class", "6", "--env-iters", "100",
+                  "--cuda-graph", "true"])       # (a no-op on CPU) reaches the autoencoder, base and module
+    assert [type(cfg).__name__ for cfg in stages][:2] == ["VAEConfig", "DiffusionConfig"] and len(stages) == 6
+    assert all(cfg.cuda_graph for cfg in stages)
     out = runs / "cmnist" / "invdiff"
     metrics = json.loads((out / "metrics.json").read_text())
     assert [arm["name"] for arm in metrics["arms"]] == list(invdiff.ARMS)
