@@ -213,6 +213,7 @@ def run_sweep(cfg: DDMConfig, preset: str, runs: str, device: str, fresh=False, 
                     continue
                 arm = {"name": f"{scenario} α={alpha:g}" + (f" s{seed}" if "," in cfg.seeds else ""),
                        "scenario": scenario, "alpha": alpha, "seed": seed}
+                t_sample = time.perf_counter()
                 if scenario == "fd":  # unconditional: the sampler never sees y
                     z = pipe.sample_latents(cfg.n_samples, None, seed=1000 + seed, model=model.unet)
                     arm["images"] = pipe.decode(z)
@@ -226,6 +227,7 @@ def run_sweep(cfg: DDMConfig, preset: str, runs: str, device: str, fresh=False, 
                     arm["cond_images"] = per_group
                 arm["entropy_mean"], arm["entropy_std"] = indicator_entropy(model, z)
                 arms.append(arm)
+                print(f"{arm['name']}: sampled in {time.perf_counter() - t_sample:.1f}s")
     if cfg.train_only:
         return {}
     report = Path(cfg.report or Path(runs) / cfg.dataset / "ddm")

@@ -402,7 +402,7 @@ def evaluate_arms(arms, evaluator: Evaluator, data_cfg: DataConfig, out_dir, *, 
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics["reference"] = reference(evaluator, data_cfg, n=max(len(pooled_images(arm)) for arm in arms))
     real = evaluator.real_features(data_cfg, "test")
-    metrics["arms"] = [evaluate_arm(arm, evaluator, real) for arm in arms]
+    metrics["arms"] = [evaluate_arm(arm, evaluator, real) for arm in tqdm(arms, desc="evaluate", leave=False)]
     metrics.update(extra or {})
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_tradeoff(metrics, out_dir / "tradeoff.png")

@@ -3,6 +3,7 @@
 # (a machine goes back after 30 minutes held, and runs/ goes with it):
 #
 #   bash results/gpu_celeba.sh          # ~29 min on one H100; PRESET=tiny: a CPU dry run of it
+#   SPD= FORMS= EXTRA="--cuda-graph true" bash results/gpu_celeba.sh   # DDM's FD scenario only, captured
 #
 # Stage times are those measured on an H100 in the third session (runs/timeline.txt there):
 # 1. the autoencoder (2,000 steps): 110 s;
@@ -18,12 +19,12 @@
 #    any report without its metrics.json is run again alone).
 # Every stage is cached by its config hash, so a second run continues where a cut one stopped.
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30 TORCH_LOGS=-all PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-export L=runs/logs P="--preset ${PRESET:-small}"
+export L=runs/logs P="--preset ${PRESET:-small} ${EXTRA:-}"
 mkdir -p $L
 stamp() { echo "$(date +%s) $*" >> runs/timeline.txt; }
 export INV="--dataset celeba $P"
 [ "${PRESET:-small}" = small ] && INV="$INV --steps 1000 --batch-size 512"
-FD=0,0.01,0.05,0.1,0.2,0.5 SPD=0,0.05,0.5
+FD=0,0.01,0.05,0.1,0.2,0.5 SPD=${SPD-0,0.05,0.5} FORMS=${FORMS-convex additive}  # empty: skipped
 
 arm() {  # one fine-tune: "ddm <bias> <scenario> <alpha>" or "invdiff <form> <arm>"
   case $1 in
@@ -38,7 +39,7 @@ stamp "celeba start"
 python3 vae.py --dataset celeba $P > $L/celeba_vae.log 2>&1 || exit
 stamp "celeba vae end"
 for b in 0.8 0.2; do arm ddm $b fd 0 & done
-arm invdiff convex base &
+[ -n "$FORMS" ] && arm invdiff convex base &
 wait; stamp "celeba bases end"
 
 python3 evaluate.py --n 200 --run "$(ls -d runs/celeba/base-* | head -1)" > $L/celeba_evaluator.log 2>&1 &
@@ -46,17 +47,16 @@ python3 evaluate.py --n 200 --run "$(ls -d runs/celeba/base-* | head -1)" > $L/c
     for a in ${FD//,/ }; do [ $a = 0 ] || echo "ddm $b fd $a"; done
     for a in ${SPD//,/ }; do echo "ddm $b spd $a"; done
   done
-  for f in convex additive; do for a in invdiff lambda0 random oracle; do echo "invdiff $f $a"; done; done
+  for f in $FORMS; do for a in invdiff lambda0 random oracle; do echo "invdiff $f $a"; done; done
 } | xargs -P 8 -L 1 bash -c 'arm "$@"' _
 wait; stamp "celeba arms end"
 
 reports() {  # one line per report: "<folder> <script and flags>"; $1 = how many at once
   for b in 0.8 0.2; do
     echo "runs/celeba/ddm-b$b-fd ddm.py --dataset celeba $P --bias $b --scenarios fd --alphas $FD"
-    echo "runs/celeba/ddm-b$b-spd ddm.py --dataset celeba $P --bias $b --scenarios spd --alphas $SPD"
+    [ -n "$SPD" ] && echo "runs/celeba/ddm-b$b-spd ddm.py --dataset celeba $P --bias $b --scenarios spd --alphas $SPD"
   done
-  echo "runs/celeba/invdiff invdiff.py $INV"
-  echo "runs/celeba/invdiff-additive invdiff.py $INV --guidance-form additive"
+  for f in $FORMS; do echo "runs/celeba/invdiff-$f invdiff.py $INV --guidance-form $f"; done
 }
 report() {  # skipped when its metrics.json exists
   [ -f $1/metrics.json ] || python3 "${@:2}" --report $1 > $L/report_$(basename $1).log 2>&1
