@@ -3,13 +3,13 @@ import inspect
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ddm  # noqa: E402
 import ddpm  # noqa: E402
-import pytest  # noqa: E402
 from unet import UNet  # noqa: E402
 
 torch.set_num_threads(1)
