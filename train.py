@@ -252,10 +252,6 @@ class EMA:
         self.max_decay = max_decay
         self.decay = torch.zeros((), device=self.params[0].device)
 
-    def update(self, step: int):
-        self.set_decay(step)
-        self.apply()
-
     def set_decay(self, step: int):
         self.decay.fill_(min(self.max_decay, (1 + step) / (10 + step)))
 
@@ -301,14 +297,22 @@ class StopRequest:
 
 def train_step(net, loss_fn, step, gen, opt, sched, ema, params, grad_clip, cuda) -> torch.Tensor:
     """One optimiser step, the body of the loop (bench.py times exactly this); the detached loss."""
-    with torch.autocast("cuda", torch.bfloat16, enabled=cuda):
-        loss = loss_fn(net, step, gen)
     opt.zero_grad(set_to_none=True)
+    ema.set_decay(step)
+    loss = optimise(net, loss_fn, step, gen, opt, ema, params, grad_clip, cuda)
+    sched.step()
+    return loss
+
+
+def optimise(net, loss_fn, step, gen, opt, ema, params, grad_clip, cuda, autocast_cache=True) -> torch.Tensor:
+    """Forward (bf16 autocast on CUDA), backward, grad clip, AdamW, EMA: the part of a step that a CUDA
+    graph captures (GraphStep); zeroing the gradients and the LR / EMA-decay schedules stay outside."""
+    with torch.autocast("cuda", torch.bfloat16, enabled=cuda, cache_enabled=autocast_cache):
+        loss = loss_fn(net, step, gen)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
-    sched.step()
-    ema.update(step)
+    ema.apply()
     return loss.detach()
 
 
@@ -337,14 +341,8 @@ class GraphStep:
         self.graph, self.loss, self.warm = None, None, 0
 
     def body(self, step) -> torch.Tensor:
-        cuda = self.ema.decay.is_cuda
-        with torch.autocast("cuda", torch.bfloat16, enabled=cuda, cache_enabled=False):
-            loss = self.loss_fn(self.net, step, self.gen)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.opt.step()
-        self.ema.apply()
-        return loss.detach()
+        return optimise(self.net, self.loss_fn, step, self.gen, self.opt, self.ema, self.params, self.grad_clip,
+                        cuda=self.ema.decay.is_cuda, autocast_cache=False)   # no cast cache across replays
 
     def __call__(self, step) -> torch.Tensor:
         self.ema.set_decay(step)

@@ -628,9 +628,11 @@ def test_ema_is_the_formula():
     p = torch.nn.Parameter(torch.tensor([2.0]))
     ema = train_lib.EMA([p], max_decay=0.5)
     p.data.fill_(4.0)
-    ema.update(step=0)                                               # decay min(0.5, 1/10) = 0.1
+    ema.set_decay(step=0)                                            # decay min(0.5, 1/10) = 0.1
+    ema.apply()
     assert ema.shadow[0].item() == pytest.approx(0.1 * 2 + 0.9 * 4)
-    ema.update(step=100)                                             # decay 0.5
+    ema.set_decay(step=100)                                          # decay 0.5
+    ema.apply()
     assert ema.shadow[0].item() == pytest.approx(0.5 * (0.1 * 2 + 0.9 * 4) + 0.5 * 4)
 
 
