@@ -591,6 +591,22 @@ def test_graph_step_body_with_tensor_lr_matches_the_eager_step():
         assert float(group["lr"]) == pytest.approx(lr0)
 
 
+def test_cuda_graph_is_the_command_line_default_on_one_gpu_only(monkeypatch):
+    """parse_config turns --cuda-graph on for one CUDA process (no GPU is needed to parse "--device
+    cuda"), and leaves it off on CPU, under torchrun, with --compile true, or when given."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    def graph(*argv):
+        return train_lib.parse_config(ddpm.DiffusionConfig, {}, list(argv))[0].cuda_graph
+    assert graph("--device", "cuda") and graph("--device", "cuda:1")
+    assert not graph("--device", "cpu")
+    assert not graph("--device", "cuda", "--cuda-graph", "false")
+    assert not graph("--device", "cuda", "--compile", "true")
+    assert graph("--device", "cpu", "--cuda-graph", "true")             # asked for: kept (a no-op on CPU)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not graph("--device", "cuda")
+    assert TrainConfig().cuda_graph is False                            # code that builds configs: eager
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (runs in the GPU sessions)")
 def test_cuda_graph_training_matches_eager_and_resumes(tmp_path):
     """On a GPU, --cuda-graph trains what the eager loop trains (same batches and noise: the
