@@ -376,8 +376,12 @@ class GraphStep:
                 torch.cuda.synchronize()
                 self.graph = torch.cuda.CUDAGraph()
                 self.graph.register_generator_state(self.gen)
-                with torch.cuda.graph(self.graph):
-                    self.loss = self.body(step)
+                try:
+                    with torch.cuda.graph(self.graph):
+                        self.loss = self.body(step)
+                except RuntimeError as e:    # the last checkpoint stays; the eager step trains the same
+                    raise ConfigError(f"capturing the training step in a CUDA graph failed ({e}); "
+                                      "rerun with --cuda-graph false") from e
             self.graph.replay()
             loss = self.loss
         self.sched.step()

@@ -591,6 +591,28 @@ def test_graph_step_body_with_tensor_lr_matches_the_eager_step():
         assert float(group["lr"]) == pytest.approx(lr0)
 
 
+def test_a_failed_capture_says_how_to_train_eagerly(monkeypatch):
+    """Now that --cuda-graph is the GPU default, a capture that CUDA refuses ends in one line naming
+    --cuda-graph false (the capture itself is faked here: it needs a GPU)."""
+    class FakeGraph:
+        def register_generator_state(self, gen):
+            pass
+
+    def refused(graph):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", refused)
+    model, cfg = tiny_unet(0), TrainConfig(lr=1e-3)
+    params = list(model.parameters())
+    opt, sched = train_lib.optimizer(params, cfg, cuda=False, graph=True)
+    step = train_lib.GraphStep(model, tiny_diffusion_task(), gen(1), opt, sched,
+                               train_lib.EMA(params, cfg.ema_decay), params, cfg.grad_clip)
+    step.warm = step.WARMUP                                            # straight to the capture
+    with pytest.raises(train_lib.ConfigError, match="stream is capturing.*rerun with --cuda-graph false"):
+        step(0)
+
+
 def test_cuda_graph_is_the_command_line_default_on_one_gpu_only(monkeypatch):
     """parse_config turns --cuda-graph on for one CUDA process (no GPU is needed to parse "--device
     cuda"), and leaves it off on CPU, under torchrun, with --compile true, or when given."""
