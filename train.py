@@ -6,10 +6,11 @@
         ema ← decay·ema + (1 − decay)·params,   decay(s) = min(ema_decay, (1 + s) / (10 + s))
 
 The EMA warm-up matters: a plain 0.9999 EMA of a short run still sits near the initial weights and
-samples pure noise. On CUDA the forward pass runs under bf16 autocast, and `--cuda-graph true` (the command-line
-default on one GPU) replays the whole step from one CUDA graph (GraphStep). Every `ckpt_every` steps and
-at the end the whole state (config, step, weights, EMA, optimiser, schedule, RNG) is written to a
-temp file and moved into place with `os.replace`, so a crash never leaves a half-written checkpoint.
+samples pure noise. On CUDA the forward pass runs under bf16 autocast, and `--cuda-graph true`
+(the command-line default on one GPU) replays the whole step from one CUDA graph (GraphStep).
+Every `ckpt_every` steps and at the end the whole state (config, step, weights, EMA, optimiser,
+schedule, RNG) is written to a temp file and moved into place with `os.replace`, so a crash never
+leaves a half-written checkpoint.
 A non-finite loss stops the run before the next checkpoint, so the last good one stays intact.
 Ctrl-C or SIGTERM (a job scheduler's stop) finishes the current step, writes a checkpoint and stops,
 so rerunning the same command resumes exactly there; a second signal stops at once. (One process
@@ -93,15 +94,15 @@ def parse_config(cls, presets: dict, argv=None, description=""):
     if graph_by_default(cls, args.device, values):
         values["cuda_graph"] = True
     cfg = cls(**values)
-    print(f"preset {args.preset} on {args.device}"
-          + ("" if args.device.startswith("cuda") else " (no GPU: use --preset small on a GPU)")
-          + (" with CUDA graphs (--cuda-graph false: eager)" if getattr(cfg, "cuda_graph", False) else ""))
+    cuda = args.device.startswith("cuda")
+    print(f"preset {args.preset} on {args.device}" + ("" if cuda else " (no GPU: use --preset small on a GPU)")
+          + (" with CUDA graphs (--cuda-graph false: eager)" if cuda and getattr(cfg, "cuda_graph", False) else ""))
     return cfg, args
 
 
 def graph_by_default(cls, device: str, values: dict) -> bool:
     """The command-line default of --cuda-graph: on for one CUDA process unless --cuda-graph or --compile
-    was given. Every stage has trained as a graph on an H100 with the same results as eager, and it
+    was given. Every train() stage has trained as a graph on an H100, the DDM sweeps reproduce, and it
     halves `python ddm.py --dataset cmnist` end to end (README, Performance). The dataclass default
     stays False, so code that builds configs itself (tests, notebooks) runs eagerly unless it asks."""
     one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1     # torchrun sets WORLD_SIZE
