@@ -28,7 +28,7 @@ from torchvision.io import ImageReadMode, decode_image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from data import DataConfig, load  # noqa: E402
-from evaluate import ConvNet, get_evaluator, predict, train_classifier  # noqa: E402
+from evaluate import cached_classifier, get_evaluator, predict  # noqa: E402
 
 HERE = Path(__file__).parent
 ARMS = {"4:1": HERE / "ddm-m4f1-fd/grids", "1:4": HERE / "ddm-m1f4-fd/grids"}
@@ -44,20 +44,20 @@ def tiles(path: Path) -> torch.Tensor:
                         for i in range(8) for j in range(8)])
 
 
-def eyewear_classifier():
-    """ConvNet for Eyeglasses on train faces balanced in (Eyeglasses × Male); -> (net, test accuracy)."""
+def eyewear_classifier(runs: Path):
+    """evaluate.py's seeded ConvNet for Eyeglasses on train faces balanced in (Eyeglasses × Male),
+    cached in runs/celeba/eval/; -> (net, test accuracy, train faces, test faces)."""
     cfg = DataConfig(dataset="celeba", cond_attr="Eyeglasses", cell_ratio="1,1,1,1", min_cell=20)
     train, test = load(cfg, "train"), load(cfg, "test")                     # label = has eyeglasses
-    torch.manual_seed(0)
-    net = train_classifier(ConvNet(3, 2), train.images, train.label, epochs=30, device="cpu", flip=True,
-                           desc="Eyeglasses")
-    accuracy = (predict(net, test.images, "cpu")[0].argmax(1) == test.label).double().mean().item()
+    net, accuracy = cached_classifier(runs / "celeba" / "eval" / "Eyeglasses_cells_e30.pt", 3, 2,
+                                      lambda: (train.images, train.label), (test.images, test.label),
+                                      epochs=30, device="cpu", flip=True)
     return net, accuracy, len(train.images), len(test.images)
 
 
 def main():
     runs = ROOT / "runs"
-    eyewear, eyewear_acc, n_train, n_test = eyewear_classifier()
+    eyewear, eyewear_acc, n_train, n_test = eyewear_classifier(runs)
     evaluator = get_evaluator(DataConfig(dataset="celeba"), runs_dir=str(runs), device="cpu")
     rows = []
     for ratio, folder in ARMS.items():
