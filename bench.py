@@ -51,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import ddpm
 import vae as vae_lib
-from train import EMA, ConfigError, main_guard, make_step, optimizer
+from train import EMA, ConfigError, gradient_clip, main_guard, make_step, optimizer
 from unet import count_parameters
 
 DATASETS = {"cmnist": dict(num_classes=10, latent=(4, 8, 8)),      # class = digit
@@ -165,7 +165,7 @@ def make_train_step(model, cfg, z0, label, num_classes, device, compile: bool, g
         cond = ddpm.drop_labels(label[idx], num_classes, cfg.p_uncond, gen)
         return ddpm.diffusion_loss(net, scheduler, z0[idx], cond, gen)
 
-    take_step = make_step(net, loss_fn, gen, opt, sched, ema, params, cfg.grad_clip, cuda, graph)
+    take_step = make_step(net, loss_fn, gen, opt, sched, ema, params, gradient_clip(cfg), cuda, graph)
 
     def one_step():
         nonlocal step, finite

@@ -172,26 +172,34 @@ def sample_latents(model, scheduler, n, shape, *, cond=None, guidance_scale=1.0,
     """z_T ~ N(0, I) -> scheduler.step ... -> z_0, for n latents of `shape` [c, h, w].
 
     model(z, t, cond) -> output; cond [n] int or None (∅). With guidance_scale s ≠ 1 and a cond,
-    classifier-free guidance: out = out(∅) + s · (out(c) − out(∅)), both passes in one batch."""
+    classifier-free guidance: out = out(∅) + s · (out(c) − out(∅)), both passes in one batch.
+    Stacked arms (stack.Stacked): generator is a list, one per arm, and every tensor gains a leading
+    arm axis: z [A, n, c, h, w], cond [A, n]. Arm a draws its z_T from its own generator exactly as a
+    lone run would (a DDIM step with η > 0 draws its noise from arm 0's)."""
+    gens = generator if isinstance(generator, list) else None
+    batch_dim = -len(shape) - 1                                          # the sample axis
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        z = torch.randn((b, *shape), generator=generator, device=device)
-        c = None if cond is None else cond[start:start + b].to(device)
+        if gens is None:
+            z = torch.randn((b, *shape), generator=generator, device=device)          # [b, c, h, w]
+        else:
+            z = torch.stack([torch.randn((b, *shape), generator=g, device=device) for g in gens])  # [A, b, …]
+        c = None if cond is None else cond[..., start:start + b].to(device)
         guided = c is not None and guidance_scale != 1.0
         if guided:
-            c = torch.cat([c, torch.full_like(c, null_class)])
+            c = torch.cat([c, torch.full_like(c, null_class)], dim=-1)
         for t in scheduler.timesteps.tolist():
-            z_in = torch.cat([z, z]) if guided else z
-            t_in = torch.full((z_in.shape[0],), t, device=device, dtype=torch.long)
+            z_in = torch.cat([z, z], dim=batch_dim) if guided else z
+            t_in = torch.full(z_in.shape[:z_in.dim() - len(shape)], t, device=device, dtype=torch.long)   # [(A,) b]
             with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
                 output = model(z_in, t_in, c).float()
             if guided:
-                cond_out, null_out = output.chunk(2)
+                cond_out, null_out = output.chunk(2, dim=batch_dim)
                 output = null_out + guidance_scale * (cond_out - null_out)
-            z = scheduler.step(output, t, z, generator=generator)
+            z = scheduler.step(output, t, z, generator=gens[0] if gens else generator)
         out.append(z)
-    return torch.cat(out)
+    return torch.cat(out, dim=batch_dim)
 
 
 # -------------------------------------------------------------------------------- the base model
@@ -256,14 +264,16 @@ class Pipeline:
         unet.eval()
 
     def sample_latents(self, n, cond=None, seed=0, steps=None, sampler="ddim", eta=0.0,
-                       guidance_scale=1.0, model=None, batch_size=1000):
+                       guidance_scale=1.0, model=None, batch_size=1000, null_class=None):
+        """seed: an int, or one per arm (a list) for a stacked model (see sample_latents)."""
         scheduler = build_scheduler(self.cfg, sampler, eta)
         scheduler.set_timesteps(steps or (self.cfg.sample_steps if sampler == "ddim" else self.cfg.num_train_timesteps))
-        gen = torch.Generator(self.device).manual_seed(seed)
+        gens = [torch.Generator(self.device).manual_seed(s) for s in (seed if isinstance(seed, list) else [seed])]
         model = model if model is not None else self.unet
-        return sample_latents(model, scheduler, n, self.latent_shape, cond=cond,
-                              guidance_scale=guidance_scale, generator=gen, device=self.device,
-                              batch_size=batch_size, null_class=getattr(model, "num_classes", self.unet.num_classes))
+        null_class = null_class if null_class is not None else getattr(model, "num_classes", self.unet.num_classes)
+        return sample_latents(model, scheduler, n, self.latent_shape, cond=cond, guidance_scale=guidance_scale,
+                              generator=gens if isinstance(seed, list) else gens[0], device=self.device,
+                              batch_size=batch_size, null_class=null_class)
 
     @torch.inference_mode()
     def decode(self, z0, batch_size=1000):

@@ -2,7 +2,7 @@
 
     for step in range(start, steps):
         loss = loss_fn(model, step)                        # the stage decides what a batch is
-        loss.backward(); clip_grad_norm_(params, grad_clip); AdamW.step(); lr_schedule.step()
+        loss.backward(); clip(params, grad_clip); AdamW.step(); lr_schedule.step()
         ema ← decay·ema + (1 − decay)·params,   decay(s) = min(ema_decay, (1 + s) / (10 + s))
 
 The EMA warm-up matters: a plain 0.9999 EMA of a short run still sits near the initial weights and
@@ -36,9 +36,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from stack import clip_per_arm
+
 PRESETS = ("tiny", "small", "full")
 FILLED_IN = ("preset", "vae")     # config fields the code fills in, never flags
-NOT_HASHED = ("data_root", "ckpt_every", "log_every", "compile", "cuda_graph", "download", "min_cell")
+NOT_HASHED = ("data_root", "ckpt_every", "log_every", "compile", "cuda_graph", "download", "min_cell", "snapshots")
 RUNTIME = ("compile", "cuda_graph")   # how a stage runs, not what it learns: passed on to every stage
 
 
@@ -51,12 +53,14 @@ class TrainConfig:
     warmup: int = 100              # linear LR warm-up steps
     lr_schedule: str = "constant"  # constant | cosine (after warm-up)
     grad_clip: float = 1.0
+    grad_clip_mode: str = "norm"   # norm: rescale to ‖g‖ ≤ grad_clip | value: clamp each entry to ±grad_clip
     ema_decay: float = 0.999       # the EMA's largest decay (reached after warm-up)
     ckpt_every: int = 1000         # also written at the end
     log_every: int = 50            # loss to log.jsonl / tqdm (the only host-device sync)
     seed: int = 0
     compile: bool = False          # torch.compile the model (CUDA only)
     cuda_graph: bool = False       # capture the whole step in one CUDA graph (GraphStep; CLI default on one GPU)
+    snapshots: str = ""            # steps at which the EMA weights are also kept, as ema_step<N>.pt
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -117,6 +121,16 @@ def check_train_config(cfg: TrainConfig):
                           f"--lr {cfg.lr} > 0")
     if cfg.compile and cfg.cuda_graph:
         raise ConfigError("--compile true and --cuda-graph true: choose one (both remove launch overhead)")
+    if cfg.grad_clip_mode not in ("norm", "value"):
+        raise ConfigError(f"--grad-clip-mode {cfg.grad_clip_mode!r}: choose norm or value")
+    try:
+        snapshot_steps(cfg)
+    except ValueError:
+        raise ConfigError(f"--snapshots {cfg.snapshots!r}: expected comma-separated step numbers, e.g. 250,500")
+
+
+def snapshot_steps(cfg: TrainConfig) -> set:
+    return {int(s) for s in cfg.snapshots.split(",") if s.strip()}
 
 
 def explicit_flags(cls, args) -> dict:
@@ -309,22 +323,33 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def train_step(net, loss_fn, step, gen, opt, sched, ema, params, grad_clip, cuda) -> torch.Tensor:
+def gradient_clip(cfg: TrainConfig, per_arm=False):
+    """params -> None, clipping their gradients in place: by norm (per arm for a stacked model,
+    stack.clip_per_arm) or by value."""
+    if cfg.grad_clip_mode == "value":
+        return lambda params: torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
+    if per_arm:
+        return lambda params: clip_per_arm(params, cfg.grad_clip)
+    return lambda params: torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+
+
+def train_step(net, loss_fn, step, gen, opt, sched, ema, params, clip, cuda) -> torch.Tensor:
     """One optimiser step, the body of the loop (bench.py times exactly this); the detached loss."""
     opt.zero_grad(set_to_none=True)
     ema.set_decay(step)
-    loss = optimise(net, loss_fn, step, gen, opt, ema, params, grad_clip, cuda)
+    loss = optimise(net, loss_fn, step, gen, opt, ema, params, clip, cuda)
     sched.step()
     return loss
 
 
-def optimise(net, loss_fn, step, gen, opt, ema, params, grad_clip, cuda, autocast_cache=True) -> torch.Tensor:
+def optimise(net, loss_fn, step, gen, opt, ema, params, clip, cuda, autocast_cache=True) -> torch.Tensor:
     """Forward (bf16 autocast on CUDA), backward, grad clip, AdamW, EMA: the part of a step that a CUDA
-    graph captures (GraphStep); zeroing the gradients and the LR / EMA-decay schedules stay outside."""
+    graph captures (GraphStep); zeroing the gradients and the LR / EMA-decay schedules stay outside.
+    The loss is a scalar, or one per arm [A] for a stacked model (their sum is minimised)."""
     with torch.autocast("cuda", torch.bfloat16, enabled=cuda, cache_enabled=autocast_cache):
         loss = loss_fn(net, step, gen)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    loss.sum().backward()
+    clip(params)
     opt.step()
     ema.apply()
     return loss.detach()
@@ -349,13 +374,13 @@ class GraphStep:
 
     WARMUP = 3
 
-    def __init__(self, net, loss_fn, gen, opt, sched, ema, params, grad_clip, capture=True):
+    def __init__(self, net, loss_fn, gen, opt, sched, ema, params, clip, capture=True):
         self.net, self.loss_fn, self.gen, self.opt, self.sched, self.ema = net, loss_fn, gen, opt, sched, ema
-        self.params, self.grad_clip, self.capture = params, grad_clip, capture
+        self.params, self.clip, self.capture = params, clip, capture
         self.graph, self.loss, self.warm = None, None, 0
 
     def body(self, step) -> torch.Tensor:
-        return optimise(self.net, self.loss_fn, step, self.gen, self.opt, self.ema, self.params, self.grad_clip,
+        return optimise(self.net, self.loss_fn, step, self.gen, self.opt, self.ema, self.params, self.clip,
                         cuda=self.ema.decay.is_cuda, autocast_cache=False)   # no cast cache across replays
 
     def __call__(self, step) -> torch.Tensor:
@@ -376,7 +401,8 @@ class GraphStep:
                 self.opt.zero_grad(set_to_none=True)
                 torch.cuda.synchronize()
                 self.graph = torch.cuda.CUDAGraph()
-                self.graph.register_generator_state(self.gen)
+                for gen in self.gen if isinstance(self.gen, list) else [self.gen]:
+                    self.graph.register_generator_state(gen)
                 try:
                     with torch.cuda.graph(self.graph):
                         self.loss = self.body(step)
@@ -389,22 +415,25 @@ class GraphStep:
         return loss
 
 
-def make_step(net, loss_fn, gen, opt, sched, ema, params, grad_clip, cuda, graph=False):
+def make_step(net, loss_fn, gen, opt, sched, ema, params, clip, cuda, graph=False):
     """The loop's step as a callable step -> detached loss: train_step, or with graph a GraphStep."""
     if graph:
-        return GraphStep(net, loss_fn, gen, opt, sched, ema, params, grad_clip)
-    return lambda step: train_step(net, loss_fn, step, gen, opt, sched, ema, params, grad_clip, cuda)
+        return GraphStep(net, loss_fn, gen, opt, sched, ema, params, clip)
+    return lambda step: train_step(net, loss_fn, step, gen, opt, sched, ema, params, clip, cuda)
 
 
 def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage_cfg=None,
-          params=None, sample_fn=None, device="cpu", desc="train") -> dict:
+          params=None, sample_fn=None, device="cpu", desc="train", arm_seeds=None) -> dict:
     """Train `params` (default: all of model's) by minimising loss_fn(model, step, generator).
 
     loss_fn draws its own batch with the given torch.Generator (seeded, saved in checkpoints, so a
     resumed run sees the same batches as an uninterrupted one). Resumes from out/ckpt.pt when its
     config matches `stage_cfg` (default cfg). Leaves the EMA weights in `model` and returns
     {"step", "loss", "seconds", "img_per_s"}. sample_fn(model, out) is called with EMA weights at
-    every checkpoint (e.g. to write samples.png)."""
+    every checkpoint (e.g. to write samples.png).
+    A stacked model (stack.Stacked) passes arm_seeds, one per arm: loss_fn then gets a list of A
+    generators (arm a's seeded as a lone run of seed arm_seeds[a] would be) and returns the A losses
+    [A]; gradients are clipped per arm, and "arm_loss" is returned and logged beside their mean."""
     check_train_config(cfg)
     stage_cfg = stage_cfg or cfg
     rank, world = distributed()
@@ -415,9 +444,12 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
     graph = cfg.cuda_graph and cuda
     if graph and world > 1:
         raise ConfigError("--cuda-graph true trains in one process only (not under torchrun)")
+    if arm_seeds is not None and world > 1:
+        raise ConfigError("stacked arms train in one process (not under torchrun)")
     opt, sched = optimizer(params, cfg, cuda, graph)
     ema = EMA(params, cfg.ema_decay)
-    gen = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
+    gens = [torch.Generator(device).manual_seed(seed * 1000 + rank) for seed in (arm_seeds or [cfg.seed])]
+    gen = gens if arm_seeds is not None else gens[0]
     step, ckpt = 0, out / "ckpt.pt"
     if ckpt.exists():
         state = load_checkpoint(ckpt, stage_cfg, map_location=device)
@@ -427,10 +459,11 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
         sched.load_state_dict(state["sched"])
         for s, v in zip(ema.shadow, state["ema"]):
             s.copy_(v)
-        if len(state["gen"]) != world:
+        if len(state["gen"]) != world * len(gens):
             raise ConfigError(f"checkpoint {ckpt} was written by {len(state['gen'])} processes, not {world}; "
                               f"resume with as many or pass --fresh")
-        gen.set_state(state["gen"][rank].to("cpu") if cuda else state["gen"][rank])
+        for g, saved in zip(gens, state["gen"][rank:] if arm_seeds is None else state["gen"]):
+            g.set_state(saved.to("cpu") if cuda else saved)
         step = state["step"]
         if step < cfg.steps and rank == 0:
             print(f"resuming {out} from step {step}")
@@ -439,21 +472,26 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None)
     if cfg.compile and cuda:
         net = torch.compile(net)
-    take_step = make_step(net, loss_fn, gen, opt, sched, ema, params, cfg.grad_clip, cuda, graph)
+    clip = gradient_clip(cfg, per_arm=arm_seeds is not None)
+    take_step = make_step(net, loss_fn, gen, opt, sched, ema, params, clip, cuda, graph)
+    snapshots = snapshot_steps(cfg)
 
     def save(last_loss):
-        gens = [gen.get_state()]
+        states = [g.get_state() for g in gens]
         if world > 1:  # every rank's batch generator, so a resume is exact
-            gens = [torch.empty_like(gens[0]) for _ in range(world)]
-            dist.all_gather_object(gens, gen.get_state())
+            states = [torch.empty_like(states[0]) for _ in range(world)]
+            dist.all_gather_object(states, gens[0].get_state())
         if rank != 0:
             return
         raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
         ema.copy_to(params)  # write samples with the EMA weights, then put the raw ones back
-        checkpoint(ckpt, {"config": _comparable(stage_cfg), "step": step, "model": raw,
-                          "ema_model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        ema_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        checkpoint(ckpt, {"config": _comparable(stage_cfg), "step": step, "model": raw, "ema_model": ema_model,
                           "ema": ema.shadow, "opt": opt.state_dict(), "sched": sched.state_dict(),
-                          "gen": gens, "loss": last_loss})
+                          "gen": states, "loss": last_loss})
+        if step in snapshots:
+            checkpoint(out / f"ema_step{step}.pt", {"config": _comparable(stage_cfg), "step": step,
+                                                    "ema_model": ema_model})
         if sample_fn is not None:
             model.eval()
             sample_fn(model, out)
@@ -465,14 +503,15 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=rank != 0, dynamic_ncols=True)
     finite = torch.ones((), dtype=torch.bool, device=device)
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros(() if arm_seeds is None else len(arm_seeds), device=device)   # [] or [A]
     last_loss, t0, t_start, start, last_log = float("nan"), time.perf_counter(), time.perf_counter(), step, step
+    arm_loss = []
     model.train()
     one_main_thread = world == 1 and threading.current_thread() is threading.main_thread()
     with StopRequest(one_main_thread) as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
         while step < cfg.steps:
             loss = take_step(step)
-            finite &= torch.isfinite(loss)
+            finite &= torch.isfinite(loss).all()
             loss_sum += loss.float()
             step += 1
             stopping = stop.requested  # read once: a signal between the checks below waits a step
@@ -485,17 +524,19 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
                     raise FloatingPointError(f"non-finite loss before step {step}; the last good "
                                              f"checkpoint {ckpt} is intact (lower --lr?)")
                 n, last_log = step - last_log, step                    # steps summed since the last log
-                last_loss = loss_sum.item() / n
+                arm_loss = (loss_sum / n).tolist()
+                last_loss = loss_sum.mean().item() / n
                 loss_sum.zero_()
                 dt = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 if log:
-                    log.write(json.dumps({"step": step, "loss": last_loss, "lr": float(sched.get_last_lr()[0]),
-                                          "img_per_s": n * cfg.batch_size / dt}) + "\n")
+                    row = {"step": step, "loss": last_loss, "lr": float(sched.get_last_lr()[0]),
+                           "img_per_s": n * cfg.batch_size * len(gens) / dt}
+                    log.write(json.dumps(row if arm_seeds is None else {**row, "arm_loss": arm_loss}) + "\n")
                     log.flush()
                 bar.set_postfix(loss=f"{last_loss:.4f}")
             bar.update(1)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping or step in snapshots:
                 save(last_loss)
             if stopping:
                 bar.close()
@@ -517,6 +558,7 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
         model.load_state_dict(state["ema_model"])
         last_loss = state["loss"]
     trained = step - start
-    return {"step": step, "loss": last_loss, "seconds": seconds,
-            "img_per_s": trained * cfg.batch_size / seconds if trained else float("nan")}
+    stats = {"step": step, "loss": last_loss, "seconds": seconds,
+             "img_per_s": trained * cfg.batch_size * len(gens) / seconds if trained else float("nan")}
+    return stats if arm_seeds is None else {**stats, "arm_loss": arm_loss}
 

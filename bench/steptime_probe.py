@@ -38,7 +38,7 @@ for hw, channels, compile_, batch in CASES:
 
     def steps(n, start):
         for s in range(start, start + n):
-            train.train_step(net, loss_fn, s, gen, opt, sched, ema, params, 1.0, True)
+            train.train_step(net, loss_fn, s, gen, opt, sched, ema, params, train.gradient_clip(train.TrainConfig()), True)
         torch.cuda.synchronize()
 
     t0 = time.perf_counter()

@@ -558,27 +558,31 @@ def test_graph_step_body_with_tensor_lr_matches_the_eager_step():
     weights, EMA and learning rate. Run here without capture (capture needs CUDA)."""
     loss_fn = tiny_diffusion_task()
     cfg = TrainConfig(lr=1e-3, warmup=3, lr_schedule="cosine", steps=8, ema_decay=0.9)
+    clip = train_lib.gradient_clip(cfg)
     runs, saved = {}, {}
     for graph in (False, True):
         model = tiny_unet(0)
         params = list(model.parameters())
         opt, sched = train_lib.optimizer(params, cfg, cuda=False, graph=graph)
         ema, g = train_lib.EMA(params, cfg.ema_decay), gen(1)
-        step = train_lib.GraphStep(model, loss_fn, g, opt, sched, ema, params, cfg.grad_clip, capture=False)
+        step = train_lib.GraphStep(model, loss_fn, g, opt, sched, ema, params, clip, capture=False)
         lr_tensor = opt.param_groups[0]["lr"]                         # a graph reads this very tensor
         for s in range(cfg.steps):
             if graph:
                 step(s)
             else:
-                train_lib.train_step(model, loss_fn, s, g, opt, sched, ema, params, cfg.grad_clip, cuda=False)
+                train_lib.train_step(model, loss_fn, s, g, opt, sched, ema, params, clip, cuda=False)
         assert torch.is_tensor(opt.param_groups[0]["lr"]) == graph
         assert opt.param_groups[0]["lr"] is lr_tensor or not graph        # filled in place, not replaced
         runs[graph] = (params, ema.shadow, float(opt.param_groups[0]["lr"]))
         saved[graph] = opt.state_dict()
     (p0, e0, lr0), (p1, e1, lr1) = runs[False], runs[True]
     assert lr1 == pytest.approx(lr0) and lr0 < cfg.lr                  # the cosine schedule moved both
+    # capturable AdamW computes its step size with tensor ops, the eager one in Python floats: the two
+    # round differently, by an amount that depends on the CPU's kernels. Eight steps of lr ≤ 1e-3 move
+    # a weight by up to ~8e-3, so 1e-5 still catches a wrong learning rate, schedule or EMA decay.
     for a, b in zip(p0 + e0, p1 + e1):
-        assert torch.allclose(a, b, atol=1e-6)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
     with pytest.raises(train_lib.ConfigError, match="choose one"):
         train_lib.check_train_config(TrainConfig(compile=True, cuda_graph=True))
     # a checkpoint of either mode resumes in the other: lr and capturable follow the mode
@@ -607,7 +611,7 @@ def test_a_failed_capture_says_how_to_train_eagerly(monkeypatch):
     params = list(model.parameters())
     opt, sched = train_lib.optimizer(params, cfg, cuda=False, graph=True)
     step = train_lib.GraphStep(model, tiny_diffusion_task(), gen(1), opt, sched,
-                               train_lib.EMA(params, cfg.ema_decay), params, cfg.grad_clip)
+                               train_lib.EMA(params, cfg.ema_decay), params, train_lib.gradient_clip(cfg))
     step.warm = step.WARMUP                                            # straight to the capture
     with pytest.raises(train_lib.ConfigError, match="stream is capturing.*rerun with --cuda-graph false"):
         step(0)
@@ -629,7 +633,7 @@ def test_cuda_graph_is_the_command_line_default_on_one_gpu_only(monkeypatch):
     assert TrainConfig().cuda_graph is False                            # code that builds configs: eager
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (runs in the GPU sessions)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_training_matches_eager_and_resumes(tmp_path):
     """On a GPU, --cuda-graph trains what the eager loop trains (same batches and noise: the
     registered generator keeps the stream), and a run stopped mid-way and resumed (eager warm-up,

@@ -59,7 +59,7 @@ def fake_evaluator(fake_root, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_evaluator(tmp_path_factory):
-    """The digit CNN trained once per session on real MNIST, in a temporary runs dir."""
+    """The digit CNN trained once per test run on real MNIST, in a temporary runs dir."""
     if not HAVE_MNIST:
         pytest.skip(NO_MNIST)
     runs = tmp_path_factory.mktemp("runs_real")

@@ -1,0 +1,109 @@
+"""Stacked arms (stack.py): A arms trained as one model end exactly where A lone runs end."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import train as train_lib  # noqa: E402
+from ddpm import DDPMScheduler, drop_labels, noisy_batch  # noqa: E402
+from stack import Stacked, clip_per_arm  # noqa: E402
+from train import TrainConfig  # noqa: E402
+from unet import UNet  # noqa: E402
+
+SCHED = DDPMScheduler(num_train_timesteps=100)
+Z0, LABEL = torch.randn(32, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 2
+
+
+def tiny_unet(seed):
+    torch.manual_seed(seed)
+    return UNet(4, (8, 16), num_res_blocks=1, num_classes=2, groups=4)
+
+
+def draw(g):
+    """One arm's batch, drawn exactly as a lone run draws it: (z_t, t, cond, ε) for 8 latents."""
+    idx = torch.randint(32, (8,), generator=g)
+    cond = drop_labels(LABEL[idx], 2, 0.5, g)
+    z_t, t, noise = noisy_batch(SCHED, Z0[idx], g)
+    return z_t, t, cond, noise
+
+
+def lone_loss(net, step, g):
+    z_t, t, cond, noise = draw(g)
+    return (net(z_t, t, cond) - noise).square().mean()
+
+
+def stacked_loss(weights):
+    def loss_fn(net, step, gens):
+        z_t, t, cond, noise = (torch.stack(x) for x in zip(*(draw(g) for g in gens)))   # [A, 8, …]
+        return weights * (net(z_t, t, cond) - noise).square().mean((1, 2, 3, 4))          # [A]
+    return loss_fn
+
+
+@pytest.mark.parametrize("mode", ["norm", "value"])
+def test_three_stacked_arms_train_like_three_lone_runs(tmp_path, mode):
+    """Arms of other initial weights, seeds and loss weights; grad_clip small enough that clipping acts
+    on every step, so a clip shared across arms (or a wrong one) would show. Weights, EMA and the
+    logged per-arm losses agree with three lone runs to float32 rounding."""
+    seeds, weights = [3, 5, 7], torch.tensor([1.0, 0.5, 2.0])
+    cfg = dict(steps=6, batch_size=8, lr=3e-3, warmup=2, ema_decay=0.9, ckpt_every=6, log_every=3,
+               grad_clip=0.05 if mode == "norm" else 1e-3, grad_clip_mode=mode)
+    lone = []
+    for a, seed in enumerate(seeds):
+        model = tiny_unet(a)
+        weighted = (lambda w: lambda net, step, g: w * lone_loss(net, step, g))(float(weights[a]))
+        lone.append(train_lib.train(model, weighted, TrainConfig(**cfg, seed=seed), tmp_path / f"lone{a}"))
+        lone[-1]["model"] = model
+    stack = Stacked([tiny_unet(a) for a in range(3)])
+    stats = train_lib.train(stack, stacked_loss(weights), TrainConfig(**cfg), tmp_path / "stacked", arm_seeds=seeds)
+    for a in range(3):
+        mine, theirs = stack.arm(a).state_dict(), lone[a]["model"].state_dict()   # both hold EMA weights
+        for k in theirs:
+            assert torch.allclose(mine[k], theirs[k], rtol=1e-4, atol=1e-6), k
+        assert stats["arm_loss"][a] == pytest.approx(lone[a]["loss"], rel=1e-4)
+    moved = [(stack.arm(a).state_dict()["conv_in.weight"] - tiny_unet(a).state_dict()["conv_in.weight"]).abs().max()
+             for a in range(3)]
+    assert min(moved) > 1e-3                                       # it trained: the comparison is not vacuous
+
+
+def test_a_stacked_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Stopped after 3 of 6 steps and resumed (its three generators restored from the checkpoint)."""
+    seeds, weights = [1, 2], torch.ones(2)
+    cfg = dict(steps=6, batch_size=8, lr=3e-3, warmup=2, ema_decay=0.9, log_every=3)
+    straight = Stacked([tiny_unet(0), tiny_unet(1)])
+    train_lib.train(straight, stacked_loss(weights), TrainConfig(**cfg, ckpt_every=6), tmp_path / "a", arm_seeds=seeds)
+    half = Stacked([tiny_unet(0), tiny_unet(1)])
+    train_lib.train(half, stacked_loss(weights), TrainConfig(**{**cfg, "steps": 3}, ckpt_every=3), tmp_path / "b",
+                    arm_seeds=seeds, stage_cfg=TrainConfig(**cfg, ckpt_every=3))
+    resumed = Stacked([tiny_unet(4), tiny_unet(5)])
+    train_lib.train(resumed, stacked_loss(weights), TrainConfig(**cfg, ckpt_every=3), tmp_path / "b", arm_seeds=seeds)
+    for p, q in zip(straight.stacked, resumed.stacked):
+        assert torch.equal(p, q)
+
+
+def test_clip_per_arm_clips_each_arm_to_its_own_norm():
+    """Arm 0's gradient (norm 5) is scaled to norm 1; arm 1's (norm 0.5) is left alone."""
+    p = torch.zeros(2, 3, 4, requires_grad=True)
+    q = torch.zeros(2, 5, requires_grad=True)
+    p.grad = torch.zeros(2, 3, 4)
+    q.grad = torch.zeros(2, 5)
+    p.grad[0, 0, 0], q.grad[0, 0] = 3.0, 4.0                       # arm 0: ‖g‖ = 5
+    p.grad[1, 1, 1] = 0.5                                          # arm 1: ‖g‖ = 0.5
+    clip_per_arm([p, q], 1.0)
+    arm0 = torch.cat([p.grad[0].flatten(), q.grad[0]]).norm()
+    arm1 = torch.cat([p.grad[1].flatten(), q.grad[1]]).norm()
+    assert arm0 == pytest.approx(1.0, rel=1e-5) and arm1 == pytest.approx(0.5)
+    assert p.grad[0, 0, 0] / q.grad[0, 0] == pytest.approx(0.75)   # direction kept
+
+
+def test_frozen_tensors_are_shared_and_must_agree():
+    """Only trained tensors get an arm axis; a frozen tensor that differs between arms is refused."""
+    arms = [tiny_unet(0), tiny_unet(1)]
+    for m in arms:
+        m.conv_in.requires_grad_(False)
+    with pytest.raises(ValueError, match="conv_in.weight differs"):
+        Stacked(arms)
+    arms[1].conv_in.load_state_dict(arms[0].conv_in.state_dict())
+    stack = Stacked(arms)
+    assert "conv_in.weight" not in stack.names and stack.stacked[0].shape[0] == 2
