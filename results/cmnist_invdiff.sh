@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Reproduces results/cmnist/invdiff/: InvDiff on colored MNIST (condition = digit, bias = color,
+# red:green 4:1), the five arms base, invdiff, lambda0, random and oracle, 1,500 steps per arm,
+# preset small, seed 0, one GPU. Run from the repository root.
+# The report lands in runs/cmnist/invdiff/ (report.md, metrics.json, environments.md, sample grids).
+set -e
+I="--dataset cmnist --steps 1500"
+
+python ddpm.py --dataset cmnist                            # autoencoder and base model (shared with DDM)
+python invdiff.py $I --arms base --train-only true         # the environments, inferred without labels
+for arm in invdiff lambda0 random oracle; do               # the four guidance modules, side by side
+  python invdiff.py $I --arms $arm --train-only true &
+done
+wait
+python invdiff.py $I                                       # sampling, evaluation, report
