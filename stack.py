@@ -58,11 +58,11 @@ class Stacked(nn.Module):
 
     @torch.no_grad()
     def arm(self, a: int) -> nn.Module:
-        """Arm a as a plain module (a copy, with its own trained tensors)."""
+        """Arm a as a plain module (a copy, with its own trained tensors, trainable again)."""
         module = copy.deepcopy(self.template)
         params = dict(module.named_parameters())
         for name, theta in zip(self.names, self.stacked):
-            params[name].copy_(theta[a])
+            params[name].copy_(theta[a]).requires_grad_(True)
         return module
 
 

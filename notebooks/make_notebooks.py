@@ -388,11 +388,14 @@ arXiv 2503.12536) fine-tunes it with one extra term: an indicator $C$ reads the 
 $\hat\epsilon$ and is trained, together with the model, to recognise the sensitive group $y$. The group is
 used in training only; sampling is the plain sampler and never takes $y$.
 
-This notebook runs `ddm.py` with the tiny preset: it shows the inherited bias, the objective on one batch,
-a small sweep over $\alpha$ with FD and its confidence intervals, the trade-off with image quality and the
-samples of every arm; at the end it shows the full-scale GPU results committed in `results/`.
+`python ddm.py --dataset cmnist` runs the authors' regime (protocol `prior`: a balanced prior, a short LoRA
+fine-tune on a small biased subset, five seeds, a verdict written by the code). This notebook steps through
+the same code on notebook 1's biased model (protocol `biased-base`, tiny preset, two seeds) so that it runs
+on a CPU in minutes: the inherited bias, the objective on one batch, a stacked sweep over $\alpha$ and
+seeds, intervals across seeds, the verdict rule, the trade-off and the samples; at the end it shows the
+full-scale GPU reports committed in `results/`.
 """),
-    setup("import data\nimport ddm\nimport ddpm\nimport evaluate\nimport torch.nn.functional as F\nimport vae"),
+    setup("import data\nimport ddm\nimport ddpm\nimport evaluate\nimport metrics\nimport torch.nn.functional as F\nimport vae\nfrom stack import Stacked"),
     md(r"""
 ## 1 · The base model inherits the data's bias
 
@@ -412,7 +415,7 @@ print("held-out accuracy of the evaluation readers:", {k: round(v, 4) for k, v i
 
 train = data.load(pipe.data_cfg, "train")
 p_train = evaluate.group_shares(train.group, 2)
-samples = pipe.sample(500, seed=0)                      # unconditional: c = ∅, as in DDM's FD scenario
+samples = pipe.sample(500, seed=0)                      # unconditional: c = ∅, as in the FD scenario
 groups = evaluator.groups(samples)                      # [500]: 0 red, 1 green, -1 no foreground
 p_hat, ci = evaluate.group_shares(groups, 2), evaluate.bootstrap(groups, 2)
 print(f"training data: p(red) = {p_train[0]:.3f}, FD = {evaluate.fd_half_l1(p_train):.3f}")
@@ -431,123 +434,144 @@ and the fine-tuning loss, with the model's prediction $\hat\epsilon = \epsilon_\
 
 $$\mathcal L = (1-\alpha)\,\|\hat\epsilon - \epsilon\|^2 + \alpha\,\mathrm{CE}\big(C(\hat\epsilon),\, y\big).$$
 
-Both $\epsilon_\theta$ and $C$ minimise the CE (one AdamW over both, no gradient reversal). $\alpha = 0$ is
-the plain fine-tune baseline. Below, `ddm.arm_model` builds a fresh copy of the base model with a fresh
-indicator, and `ddm.ddm_loss` is evaluated on one batch:
+Both $\epsilon_\theta$ and $C$ minimise the CE (one AdamW over both). $\alpha = 0$ is the plain fine-tune.
+The ablation beyond the paper reverses the gradient that flows from $C$ into $\epsilon_\theta$
+(`grad_sign = -1`): $C$ still learns to read the group, the denoiser learns to hide it.
 """),
     code(r'''
 latents = vae.encode_dataset(pipe.vae, pipe.run_dir.parent / pipe.cfg.vae, pipe.data_cfg, DEVICE)
 z0, y = latents["z0"], latents["group"]                 # [2000, 4, 8, 8], [2000]
-cfg = ddm.DDMConfig(**{**asdict(data_cfg), **ddm.PRESETS[PRESET], "alphas": "0,0.2,0.5", "n_samples": 400})
-model = ddm.arm_model(pipe, "fd", 2, cfg, seed=0)
+cfg = ddm.DDMConfig(**{**asdict(data_cfg), **ddm.PRESETS["biased-base"][PRESET], "protocol": "biased-base",
+                       "alphas": "0,0.5", "adversarial": "0.5", "seeds": "0,1", "n_samples": 200})
+model = ddm.arm_model(pipe, cfg, "fd", 2, seed=0)
 print(model.indicator)
 
 gen = torch.Generator().manual_seed(0)
 idx = torch.randint(len(z0), (64,), generator=gen)
 z_t, t, eps = ddpm.noisy_batch(model.scheduler, z0[idx], gen)               # [64, 4, 8, 8], [64], [64, 4, 8, 8]
-null = torch.full((64,), model.unet.num_classes)                            # the FD arm trains the ∅ model
+null = torch.full((64,), model.unet.num_classes)                            # biased-base FD: the ∅ model
 output, logits = model(z_t, t, null)                                        # ε̂ [64, 4, 8, 8], C(ε̂) [64, 2]
 target = model.scheduler.target(z0[idx], eps, t)                            # ε
 mse, ce = F.mse_loss(output, target), F.cross_entropy(logits, y[idx])
-print(f"z_t {tuple(z_t.shape)}, ε̂ {tuple(output.shape)}, C(ε̂) {tuple(logits.shape)}, y {tuple(y[idx].shape)}")
 print(f"MSE term {mse:.4f}; CE term {ce:.4f} (an untrained indicator: ln 2 = {torch.log(torch.tensor(2.)):.4f})")
 for alpha in (0.0, 0.2, 0.5):
     loss = ddm.ddm_loss(output, target, logits, y[idx], alpha)
     assert torch.isclose(loss, (1 - alpha) * mse + alpha * ce)
     print(f"  α = {alpha}: L = (1−α)·{mse:.4f} + α·{ce:.4f} = {loss:.4f}")
 
-loss.backward()                                                             # α = 0.5: both parts get gradients
-grad = {part: sum(p.grad.norm() ** 2 for p in getattr(model, part).parameters() if p.grad is not None) ** 0.5
-        for part in ("unet", "indicator")}
-print(f"gradient norms at α = 0.5: UNet {grad['unet']:.4f}, indicator {grad['indicator']:.4f}")
+def unet_grad(sign):                                    # the CE's gradient reaching the denoiser
+    model.zero_grad()
+    F.cross_entropy(model(z_t, t, null, grad_sign=sign)[1], y[idx]).backward()
+    return model.unet.out[-1].bias.grad.clone()
+print("the CE's gradient on the UNet's last bias, cooperative vs adversarial:", unet_grad(1.0), unet_grad(-1.0))
 '''),
     md(r"""
-## 3 · A small α sweep
+## 3 · A stacked sweep over α and seeds
 
-`ddm.run_sweep` fine-tunes one arm per (scenario, $\alpha$) from the same base model with the same steps and
-seed, samples it and hands every arm to `evaluate.evaluate_arms`. Two scenarios:
+`ddm.run_sweep` builds every arm of a scenario (each $\alpha$, the adversarial ablation, each seed) and
+trains them as **one** model: `stack.Stacked` gives every trainable tensor a leading arm axis and runs the
+arms with `torch.func.vmap`, so one optimiser step is exactly one step of every arm alone (the loss is the
+sum of the arms' losses, AdamW and the EMA act element by element, clipping is per arm). Sampling runs all
+arms in one batched loop, each arm with its own seeded noise; arms of one seed share their noise, so
+differences between arms are paired. Two scenarios:
 
-* **FD** — unconditional generation: the arm fine-tunes the $\varnothing$ model and is scored by FD.
-* **SPD** — the group is given as a condition (a new class embedding over the groups, label dropout 10%),
-  sampled per group with CFG, and scored by
-  $\mathrm{SPD} = \big|P(\text{success}\mid \text{cond}=a) - P(\text{success}\mid \text{cond}=b)\big|$,
-  success = the sample shows the requested color and a confidently recognised digit.
-
-The tiny preset: 60 fine-tuning steps per arm, 400 samples per arm (per group for SPD).
+* **FD** — the arm fine-tunes the $\varnothing$ model and is scored by FD of its unconditional samples.
+* **SPD** — the group is given as a condition (one new class row per group, label dropout 10%), sampled
+  per group with CFG, and scored by $\mathrm{SPD} = |P(\text{success}\mid a) - P(\text{success}\mid b)|$.
 """),
     code(r'''
+arms = ddm.sweep_arms(cfg, "fd")
+print(len(arms), "FD arms:", ", ".join(a.name for a in arms))
+stack = Stacked([ddm.arm_model(pipe, cfg, "fd", 2, a.seed) for a in arms])
+print("a stacked tensor:", stack.names[0], tuple(stack.stacked[0].shape), "(arm axis first)")
+
 start = time.perf_counter()
-metrics = ddm.run_sweep(cfg, PRESET, RUNS, DEVICE, evaluator=evaluator)    # prints the table
-report_dir = Path(cfg.report or Path(RUNS) / cfg.dataset / "ddm")
-print(f"{len(metrics['arms'])} arms in {time.perf_counter() - start:.0f} s; report: {report_dir / 'report.md'}")
+summary = ddm.run_sweep(cfg, PRESET, RUNS, DEVICE, evaluator=evaluator)    # prints the report's tables
+report_dir = Path(RUNS) / cfg.dataset / "ddm-biased-base"
+print(f"done in {time.perf_counter() - start:.0f} s; report: {report_dir / 'report.md'}")
 '''),
     md(r"""
-## 4 · FD with confidence intervals
+## 4 · Intervals across seeds, and the verdict
 
-Each $\hat p$ comes from a few hundred samples, so it has sampling error. `evaluate.bootstrap` gives a
-percentile-bootstrap 95% interval: resample the $N$ group labels with replacement $B = 1000$ times, recompute
-$\hat p$ and FD each time, and take the 2.5% and 97.5% quantiles. Two arms whose intervals overlap widely are
-not distinguishable at this sample size.
+Each cell of the report is the mean over seeds with a 95% $t$-interval, $\bar x \pm t_{0.975,S-1}\,
+\mathrm{sd}/\sqrt S$ (`metrics.seed_summary`); the bootstrap over samples (`evaluate.bootstrap`) is kept
+per seed in `metrics.json`. The verdict compares arms through their paired differences across seeds and
+is written by `metrics.ddm_verdict`, with its rule fixed before any run:
 """),
     code(r'''
-display(Markdown(evaluate.format_table(metrics)))
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
-for ax, scenario in zip(axes, ("fd", "spd")):
-    arms = [a for a in metrics["arms"] if a["scenario"] == scenario]
-    p0 = torch.tensor([a["p_hat"][0] for a in arms])
-    lo, hi = (torch.tensor([a["p_hat_ci"][0][k] for a in arms]) for k in (0, 1))
-    ax.errorbar([str(a["alpha"]) for a in arms], p0, yerr=[(p0 - lo).clamp_min(0), (hi - p0).clamp_min(0)],
-                fmt="o", capsize=4)
-    ax.axhline(metrics["reference"]["train_p_hat"][0], ls="--", c="gray", label="training share")
-    ax.axhline(0.5, ls=":", c="k", label="balanced")
-    ax.set(title=f"{scenario.upper()} scenario", xlabel="α", ylabel="p̂(red), 95% CI")
-axes[0].legend(fontsize=8);
+print(metrics.verdict_rule("FD"))
+fd = summary["scenarios"]["fd"]
+for v in fd["verdicts"]:
+    print(f"  {v['kind']:11s} CFG {v['scale']:g}: {'lowers' if v['lowers'] else 'does not lower'} FD")
+fig, ax = plt.subplots(figsize=(5, 3.2))
+for kind, style in (("ddm", "o-"), ("adversarial", "s--")):
+    mine = [r for r in fd["rows"] if r["kind"] == kind or (kind == "adversarial" and r["kind"] == "ddm" and r["alpha"] == 0)]
+    p = torch.tensor([r["p0"]["mean"] for r in mine])
+    lo, hi = torch.tensor([r["p0"]["lo"] for r in mine]), torch.tensor([r["p0"]["hi"] for r in mine])
+    ax.errorbar([r["alpha"] for r in mine], p, yerr=[(p - lo).clamp_min(0), (hi - p).clamp_min(0)],
+                fmt=style, capsize=4, label=kind)
+ax.axhline(summary["reference"]["train_p_hat"][0], ls="--", c="gray", label="training share")
+ax.axhline(0.5, ls=":", c="k", label="balanced")
+ax.set(xlabel="α", ylabel="p̂(red), 95% interval over seeds", title="FD scenario")
+ax.legend(fontsize=8);
 '''),
     md(r"""
-The authors' diagnostic: the entropy of the indicator's prediction on the arm's own samples (noised at a
-random $t$). At $\alpha = 0$ the indicator gets no gradient, so it stays near $\ln 2 \approx 0.693$; a low
-entropy means the indicator can still read the group from $\hat\epsilon$.
+The authors' diagnostic, the entropy of the indicator on the arm's own samples (noised at a random $t$),
+and its accuracy on real held-out latents per $t$-bin: at $\alpha = 0$ the indicator gets no gradient and
+stays near chance ($\ln 2 \approx 0.693$); a low entropy means $\hat\epsilon$ carries the group.
 """),
     code(r'''
-for a in metrics["arms"]:
-    extra = f", SPD {a['SPD']:.3f} (success rates {a['success_rate']})" if "SPD" in a else ""
-    print(f"{a['name']:10s} indicator entropy {a['entropy_mean']:.3f} ± {a['entropy_std']:.3f}{extra}")
+for scenario, res in summary["scenarios"].items():
+    for r in res["rows"]:
+        acc = ", ".join(f"{k[6:]}: {r[k]['mean']:.2f}" for k in r if k.startswith("C_acc_t"))
+        print(f"{scenario} {r['kind']:11s} α={r['alpha']:<4g} C entropy {r['C_entropy']['mean']:.3f}; C acc {acc}")
 '''),
     md(r"""
 ## 5 · The trade-off: fairness vs image quality
 
 Quality is FID on the evaluation CNN's penultimate features ("FID-C"; for colored MNIST with the
-foreground's mean color appended), between Gaussians fitted to the samples' and the real test images'
-features, the test images reweighted to the arm's own group share (so FID-C measures quality, FD the share):
+foreground's mean color appended), the real test images reweighted to the arm's own group share:
 
 $$\text{FID-C} = \|\mu_1-\mu_2\|^2 + \operatorname{tr}\!\big(S_1 + S_2 - 2\,(S_1^{1/2} S_2 S_1^{1/2})^{1/2}\big).$$
 
-It is not Inception-FID, and its scale is only comparable within one report. The gray lines are the
-training data's own FD and the FID-C of real training vs real test images (the floor).
-`evaluate_arms` drew this plot into the report folder:
+It is not Inception-FID. One panel per scenario: the $\alpha$ points joined in order, the adversarial
+ablation dashed, the plain $\alpha = 0$ arm as a dotted reference line.
 """),
     code(r'''
-display(Image(filename=str(report_dir / "tradeoff.png"), width=440))
+display(Image(filename=str(report_dir / "tradeoff.png"), width=700))
 '''),
     md(r"""
 ## 6 · Samples of every arm
 
-`samples.png` in the report folder: 64 samples per arm (SPD arms: the two conditions mixed), from the same
-seeds in every arm.
+`grids/` in the report folder: 64 samples per arm of the first seed (SPD arms: the two conditions mixed).
+Look at them: a metric can be fooled (collapsed samples can read as balanced).
 """),
     code(r'''
-from torchvision.io import ImageReadMode, decode_image, encode_jpeg
-
-grids = decode_image(str(report_dir / "samples.png"), mode=ImageReadMode.RGB)   # uint8 [3, H, W]
-display(Image(data=encode_jpeg(grids, quality=90).numpy().tobytes(), format="jpeg", width=900))   # JPEG: a smaller notebook
+paths = sorted((report_dir / "grids").glob("fd_*.png"))
+fig, axes = plt.subplots(1, len(paths), figsize=(3 * len(paths), 3.3))
+for ax, path in zip(axes, paths):
+    ax.imshow(plt.imread(path))
+    ax.set_title(path.stem.replace("fd__", "").replace("_", " "), fontsize=8)
+    ax.axis("off")
 '''),
     md(r"""
 ## 7 · Full-scale results (committed GPU runs)
 
-The tiny numbers above come from a model trained for seconds and a few hundred samples: they show the
-machinery, not the effect. The runs of `python ddm.py --dataset cmnist` (and the other datasets) on a GPU
-are committed under `results/`; this cell reads their `metrics.json`.
+The tiny numbers above come from a model trained for seconds: they show the machinery, not the effect.
+The runs of `python ddm.py --dataset ...` on a GPU are committed under `results/`; this cell reads the
+verdicts from their `metrics.json` (protocol `prior`: the authors' regime), then the earlier reports.
 """),
+    code(r'''
+for path in sorted(Path("results").glob("**/metrics.json")):
+    m = json.loads(path.read_text())
+    if "protocol" not in m:
+        continue
+    print(f"{path.parent} · {m['dataset']} · protocol {m['protocol']} · {m['device']}")
+    for scenario, res in m["scenarios"].items():
+        for v in res["verdicts"]:
+            print(f"   {scenario.upper()} train {v['ratio'] or 'data'} CFG {v['scale']:g} {v['kind']}: "
+                  f"{'lowers' if v['lowers'] else 'does not lower'}")
+'''),
     committed_results("ddm"),
 ]
 

@@ -10,6 +10,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ddm  # noqa: E402
 import ddpm  # noqa: E402
+import metrics  # noqa: E402
+import train as train_lib  # noqa: E402
+import vae as vae_lib  # noqa: E402
 from unet import UNet  # noqa: E402
 
 torch.set_num_threads(1)
@@ -93,3 +96,122 @@ def test_runtime_flags_reach_the_base_model(monkeypatch):
         ddm.main(["--dataset", "cmnist", "--preset", "tiny", "--device", "cpu", "--cuda-graph", "true"])
     base_cfg = got.value.args[0]
     assert isinstance(base_cfg, ddpm.DiffusionConfig) and base_cfg.cuda_graph and not base_cfg.compile
+
+
+# ============================================================================ the authors' regime
+
+def test_lora_update_is_w_plus_scale_times_ba():
+    """LoRALinear(x) = x (W + (lora_alpha / r) · B A)ᵀ + b, with the authors' scale 32 / 8 = 4."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5)
+    lora = ddm.LoRALinear(base, r=2, lora_alpha=8.0)
+    torch.nn.init.normal_(lora.B)                                       # B starts at 0: give it a value
+    x = torch.randn(3, 6)
+    merged = base.weight + (8.0 / 2) * lora.B @ lora.A
+    assert torch.allclose(lora(x), x @ merged.T + base.bias, atol=1e-5)
+    assert not base.weight.requires_grad and lora.A.requires_grad and lora.B.requires_grad
+
+
+def test_prior_arms_get_prompt_rows_initialised_from_the_null_row():
+    """Protocol prior: FD appends one prompt row, SPD one per group, each equal to ∅'s row; ∅ stays at
+    index K_base and the base rows are unchanged; under LoRA the class table still trains."""
+    cfg = ddm.DDMConfig(protocol="prior", finetune="lora")
+    pipe = tiny_pipe()
+    base_table = pipe.unet.class_emb.weight.detach()                      # [K_base + 1, E]
+    for scenario, rows in (("fd", 1), ("spd", 2)):
+        table = ddm.arm_model(pipe, cfg, scenario, 2, seed=0).unet.class_emb.weight
+        assert table.shape[0] == base_table.shape[0] + rows
+        assert torch.equal(table[:len(base_table)], base_table)
+        assert torch.equal(table[len(base_table):], base_table[-1].expand(rows, -1))
+        assert table.requires_grad
+    fd_biased = ddm.arm_model(pipe, ddm.DDMConfig(protocol="biased-base", finetune="full"), "fd", 2, seed=0)
+    assert fd_biased.unet.class_emb.weight.shape == base_table.shape          # fine-tunes ∅ itself
+
+
+def test_adversarial_arm_reverses_only_the_gradient_into_the_denoiser():
+    """grad_sign −1 flips the CE's gradient on the UNet and leaves the indicator's and the values alone."""
+    model = ddm.arm_model(tiny_pipe(), ddm.DDMConfig(protocol="biased-base", finetune="full"), "fd", 2, seed=0)
+    torch.nn.init.normal_(model.unet.out[-1].weight, std=0.1)
+    z, t, y = torch.randn(4, 4, 8, 8), torch.tensor([10, 200, 500, 900]), torch.tensor([0, 1, 0, 1])
+    grads = {}
+    for sign in (1.0, -1.0):
+        model.zero_grad()
+        out, logits = model(z, t, None, grad_sign=sign)
+        F.cross_entropy(logits, y).backward()
+        grads[sign] = (logits.detach(), model.unet.out[-1].weight.grad.clone(), model.indicator.net[0].weight.grad.clone())
+    assert torch.allclose(grads[1.0][0], grads[-1.0][0])
+    assert torch.allclose(grads[1.0][1], -grads[-1.0][1]) and grads[1.0][1].abs().sum() > 0
+    assert torch.allclose(grads[1.0][2], grads[-1.0][2])
+
+
+def test_rebalanced_pool_draws_both_groups_equally(monkeypatch):
+    """The same-label baseline resamples the minority to the majority's size (with replacement)."""
+    pipe, group = tiny_pipe(), torch.tensor([0] * 16 + [1] * 4)
+    pipe.run_dir, pipe.cfg.vae = Path("runs-unused/base"), "vae"
+    latents = {"z0": torch.randn(20, 4, 8, 8), "group": group, "label": group, "num_classes": 2}
+    monkeypatch.setattr(vae_lib, "encode_dataset", lambda *args, **kwargs: latents)
+    arms = [ddm.Arm("fd", "4:1", "ddm", 0.0, 0), ddm.Arm("fd", "4:1", "rebalanced", 0.0, 0)]
+    _, pools = ddm.training_pools(pipe, ddm.DDMConfig(protocol="prior", train_ratios="4:1"), arms)
+    assert torch.bincount(group[pools[0]]).tolist() == [16, 4]
+    assert torch.bincount(group[pools[1]]).tolist() == [16, 16]
+
+
+def test_seed_interval_matches_its_formula():
+    x = torch.tensor([0.30, 0.34, 0.29, 0.35, 0.32], dtype=torch.float64)
+    s = metrics.seed_summary(x.tolist())
+    se = x.std(correction=1) / 5 ** 0.5
+    assert s["mean"] == pytest.approx(x.mean().item()) and s["se"] == pytest.approx(se.item())
+    assert s["hi"] - s["mean"] == pytest.approx(2.776 * se.item())        # t_{0.975, 4}
+    assert metrics.seed_summary([0.3])["lo"] == 0.3
+
+
+def verdict_arms(fd_alpha, fd_plain, fd_rebalanced, fid_alpha=1.0):
+    row = lambda a, fd, fid: {"alpha": a, "FD": fd, "FD_corrected": fd, "FID_C": fid}
+    return {"plain": row(0.0, fd_plain, [1.0] * len(fd_plain)), "rebalanced": row(0.0, fd_rebalanced, [1.0] * len(fd_plain)),
+            "α=0.1": row(0.1, fd_alpha, [fid_alpha] * len(fd_plain))}
+
+
+def test_verdict_rule_says_does_not_for_arms_of_one_distribution_and_lowers_for_a_clear_case():
+    g = torch.Generator().manual_seed(0)
+    same = lambda: (0.3 + 0.02 * torch.randn(5, generator=g)).tolist()
+    draws = [metrics.ddm_verdict(verdict_arms(same(), same(), same()), "plain", "rebalanced")["lowers"] for _ in range(20)]
+    assert sum(draws) <= 1                                                 # 2-SE against two baselines: rare
+    clear = verdict_arms([0.05, 0.06, 0.04, 0.05, 0.07], [0.30, 0.31, 0.29, 0.32, 0.30], [0.2, 0.21, 0.19, 0.2, 0.22])
+    assert metrics.ddm_verdict(clear, "plain", "rebalanced")["lowers"]
+    assert not metrics.ddm_verdict({**clear, "α=0.1": {**clear["α=0.1"], "FID_C": [2.0] * 5}}, "plain", "rebalanced")["lowers"]
+    beats_plain_only = verdict_arms([0.2] * 4 + [0.21], [0.30, 0.31, 0.29, 0.32, 0.30], [0.1, 0.11, 0.09, 0.1, 0.12])
+    assert not metrics.ddm_verdict(beats_plain_only, "plain", "rebalanced")["lowers"]
+    one_sample = verdict_arms([0.25, 0.25], [0.267, 0.267], [0.267, 0.267])     # each seed moved 1 of 60 samples
+    assert metrics.ddm_verdict(one_sample, "plain", "rebalanced")["lowers"]      # SE_d = 0 without the floor
+    assert not metrics.ddm_verdict(one_sample, "plain", "rebalanced", n_samples=60)["lowers"]
+
+
+def test_confusion_correction_undoes_a_known_reader():
+    """A reader that calls 10% of group 0 'group 1' and 20% of group 1 'group 0': p = (Mᵀ)⁻¹ q."""
+    M = torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float64)
+    p = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    assert torch.allclose(metrics.corrected_shares(M.T @ p, M), p)
+    true, read = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 1, 0, 1, -1])
+    assert torch.allclose(metrics.confusion_matrix(true, read, 2), torch.tensor([[2 / 3, 1 / 3], [0.0, 1.0]], dtype=torch.float64))
+
+
+def test_the_prior_is_trained_on_balanced_data_and_biased_base_on_the_biased_data(monkeypatch):
+    """Protocol prior trains its base at 1:1 whatever --bias says; biased-base on the --bias data."""
+    class Reached(Exception):
+        pass
+
+    def ensure_base(cfg, *args, **kwargs):
+        raise Reached(cfg)
+    monkeypatch.setattr(ddpm, "ensure_base", ensure_base)
+    for protocol, bias in (("prior", 0.5), ("biased-base", 0.8)):
+        with pytest.raises(Reached) as got:
+            ddm.main(["--dataset", "cmnist", "--preset", "tiny", "--device", "cpu", "--protocol", protocol, "--bias", "0.8"])
+        assert got.value.args[0].bias == bias
+
+
+def tiny_pipe():
+    """A Pipeline around an untrained tiny UNet and autoencoder (nothing is trained or read from disk)."""
+    cfg = ddpm.base_config(ddpm.data.DataConfig(), "tiny")
+    torch.manual_seed(0)
+    autoencoder = vae_lib.build(vae_lib.vae_config(ddpm.data.DataConfig(), "tiny"))
+    return ddpm.Pipeline(cfg, autoencoder, ddpm.build_unet(cfg, 10), "tiny", "cpu")

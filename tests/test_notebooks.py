@@ -111,12 +111,17 @@ def test_notebook_01_trains_the_tiny_pipeline(executed):
 def test_notebook_02_shows_the_sweep_it_wrote(executed):
     nb, folder = run(executed, "02_ddm.ipynb")
     assert len(list(folder.glob("base-*"))) == 1           # reused notebook 1's model, trained nothing new
-    metrics = json.loads((folder / "ddm" / "metrics.json").read_text())
-    arms = {(a["scenario"], a["alpha"]) for a in metrics["arms"]}
-    assert arms == {(s, a) for s in ("fd", "spd") for a in (0.0, 0.2, 0.5)}
-    import evaluate
-    assert evaluate.format_table(metrics) in outputs_text(nb)   # the table shown is the report's own
-    assert (folder / "ddm" / "tradeoff.png").exists() and (folder / "ddm" / "samples.png").exists()
+    report = folder / "ddm-biased-base"
+    metrics = json.loads((report / "metrics.json").read_text())
+    for scenario in ("fd", "spd"):
+        rows = metrics["scenarios"][scenario]["rows"]
+        assert {(r["kind"], r["alpha"]) for r in rows} == {("ddm", 0.0), ("ddm", 0.5), ("adversarial", 0.5)}
+        assert all(r["seeds"] == [0, 1] for r in rows)      # every arm at both seeds
+    verdicts = metrics["scenarios"]["fd"]["verdicts"]
+    text = outputs_text(nb, "text/plain")
+    assert all(f"{v['kind']:11s} CFG {v['scale']:g}: {'lowers' if v['lowers'] else 'does not lower'} FD" in text
+               for v in verdicts)                           # the verdicts shown are the report's own
+    assert (report / "tradeoff.png").exists() and list((report / "grids").glob("fd_*.png"))
     assert nb.cells[-1].outputs                                # the committed GPU results, or "none yet"
 
 

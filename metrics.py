@@ -1,0 +1,111 @@
+"""Across-seed statistics, confusion correction and the verdict rule of the DDM report (pure functions).
+
+Seeds. An arm trained at S seeds gives values x_1 … x_S (its FD, p̂, FID-C, …):
+
+    x̄ = (1/S) Σ_s x_s,   SE = sd / √S (sd with ddof 1),   95% interval  x̄ ± t_{0.975, S−1} · SE
+
+The arms of one sweep share their seeds (fine-tune seed and sampling noise), so two arms A and B are
+compared through the paired differences d_s = x_s(A) − x_s(B): d̄ and SE_d = sd(d) / √S.
+
+Confusion correction. The group reader errs. With M[i, j] = P(read as j | true group i), measured on
+real held-out images (or on their VAE reconstructions, closer to what a generator draws), the shares
+read from samples are q = Mᵀ p, so the corrected shares are p = (Mᵀ)⁻¹ q, projected back onto the
+simplex (clamped at 0, renormalised).
+
+The verdict rule (`ddm_verdict`, printed in the report above its table). For one train ratio and CFG
+scale, "DDM lowers FD" only if some α > 0 arm has, across seeds,
+
+    d̄ < −2 · max(SE_d, 0.5 / √(n·S))   against the plain α = 0 fine-tune AND against the
+    group-rebalanced α = 0 fine-tune, on the FD of the read p̂ and on the FD of the
+    confusion-corrected p̂, and mean FID-C ≤ 1.2 × the plain α = 0 arm's mean FID-C;
+
+otherwise "DDM does not lower FD". The floor 0.5 / √(n·S) is the largest binomial standard error of
+a share read from n samples, averaged over S seeds: with few seeds the paired differences can agree
+by chance (SE_d = 0 for two seeds that both moved one sample), and a difference within sampling
+resolution must not count. The same rule reads SPD in place of FD for the SPD scenario (without a
+corrected form: its success rates are read per sample).
+"""
+import math
+
+import torch
+
+# t_{0.975, df} for df = 1 … 30 (two-sided 95%); beyond 30 the normal 1.96 is within 2%
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+FID_SLACK = 1.2          # an arm may cost at most 20% FID-C over the plain α = 0 arm
+SE_MARGIN = 2.0          # "lower" means by more than two standard errors of the paired difference
+
+
+def t975(df: int) -> float:
+    return T975[df - 1] if df <= len(T975) else 1.96
+
+
+def seed_summary(values) -> dict:
+    """{'mean', 'se', 'lo', 'hi', 'n'} of per-seed values: the 95% t-interval across seeds (one seed:
+    the interval is the point, se NaN)."""
+    x = torch.as_tensor(values, dtype=torch.float64)
+    n, mean = len(x), x.mean().item()
+    if n < 2:
+        return {"mean": mean, "se": float("nan"), "lo": mean, "hi": mean, "n": n}
+    se = (x.std(correction=1) / math.sqrt(n)).item()
+    return {"mean": mean, "se": se, "lo": mean - t975(n - 1) * se, "hi": mean + t975(n - 1) * se, "n": n}
+
+
+def paired(a, b) -> dict:
+    """Paired difference of two arms over the same seeds: {'diff': d̄, 'se': SE_d}."""
+    d = torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)
+    se = (d.std(correction=1) / math.sqrt(len(d))).item() if len(d) > 1 else float("nan")
+    return {"diff": d.mean().item(), "se": se}
+
+
+def confusion_matrix(true: torch.Tensor, read: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """M[i, j] = P(read as j | true i), float64 [K, K]; reads of no group (-1) are left out."""
+    keep = read >= 0
+    counts = torch.zeros(num_groups, num_groups, dtype=torch.float64)
+    counts.index_put_((true[keep], read[keep]), torch.ones(int(keep.sum()), dtype=torch.float64), accumulate=True)
+    return counts / counts.sum(1, keepdim=True).clamp_min(1)
+
+
+def corrected_shares(q: torch.Tensor, confusion: torch.Tensor) -> torch.Tensor:
+    """p = (Mᵀ)⁻¹ q projected onto the simplex; q the read shares [K]. A singular M leaves q as it is."""
+    q = torch.as_tensor(q, dtype=torch.float64)
+    try:
+        p = torch.linalg.solve(confusion.T, q)
+    except RuntimeError:                                          # singular: the reader tells nothing
+        return q
+    p = p.clamp_min(0)
+    return p / p.sum() if p.sum() > 0 else q
+
+
+def ddm_verdict(arms: dict, plain: str, rebalanced, metric="FD", corrected=True, n_samples=None) -> dict:
+    """Apply the rule of the module docstring. arms: name -> {'alpha': α, metric: [per seed],
+    metric + '_corrected': [per seed] (if corrected), 'FID_C': [per seed]}; plain / rebalanced: the
+    names of the two baselines (rebalanced None: only the plain one, e.g. at a 1:1 ratio); n_samples:
+    the samples behind each value (None: no floor on the standard error).
+    -> {'lowers': bool, 'passing': [names], 'checks': name -> {...}}."""
+    baselines = [plain] + ([rebalanced] if rebalanced else [])
+    keys = [metric] + ([metric + "_corrected"] if corrected else [])
+    fid_limit = FID_SLACK * seed_summary(arms[plain]["FID_C"])["mean"]
+    checks = {}
+    for name, arm in arms.items():
+        if name in baselines or arm["alpha"] <= 0:
+            continue
+        lower = {f"{key} vs {b}": paired(arm[key], arms[b][key]) for key in keys for b in baselines}
+        floor = 0.5 / math.sqrt(n_samples * len(arm[metric])) if n_samples else 0.0
+        below = all(c["diff"] < -SE_MARGIN * max(c["se"], floor) for c in lower.values())   # NaN se (one seed): False
+        fid = seed_summary(arm["FID_C"])["mean"]
+        checks[name] = {"lower": lower, "below_both": below, "FID_C": fid, "FID_C_limit": fid_limit,
+                        "passes": below and fid <= fid_limit}
+    passing = [name for name, c in checks.items() if c["passes"]]
+    return {"lowers": bool(passing), "passing": passing, "checks": checks}
+
+
+def verdict_rule(metric="FD") -> str:
+    """The rule as one sentence, for the report (written before its table)."""
+    return (f"Rule, fixed before the runs: DDM lowers {metric} only if some α > 0 has a {metric} below both the "
+            f"plain α = 0 and the group-rebalanced α = 0 fine-tune by more than {SE_MARGIN:g} standard errors of "
+            f"the paired across-seed difference (floored at 0.5/√(n·S), the binomial error of a share of n samples "
+            f"at S seeds)" + (", on the read and on the confusion-corrected p̂," if metric == "FD"
+                                                    else ",") +
+            f" at a mean FID-C ≤ {FID_SLACK:g}× the α = 0 arm's; otherwise it does not.")
