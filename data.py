@@ -23,12 +23,16 @@ so an evaluation never inherits the training bias.
                 (cond=1,male) : (cond=1,female) : (cond=0,male) : (cond=0,female), which InvDiff
                 uses to build a spurious correlation between Smiling and Male.
 
-CelebA is read with a few lines of our own (the attribute and partition rows, torchvision.io for
-the JPEGs) because `torchvision.datasets.CelebA` checks MD5s of annotation files that a subset cannot
-match. Decoded CelebA images are cached once as a uint8 tensor next to the images.
+MNIST is read from torchvision's raw layout by `datafiles`, which checks all four files before it
+unpacks or reads any. CelebA is read with a few lines of our own (the attribute and partition rows,
+torchvision.io for the JPEGs) because `torchvision.datasets.CelebA` checks MD5s of annotation files
+that a subset cannot match. Decoded CelebA images are cached once as a uint8 tensor in CACHE_DIR
+($FAIRDIFF_CACHE, default runs/cache). A faulty file raises one line that names it.
 """
 import argparse
+import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +42,12 @@ import torchvision
 from torchvision.io import decode_image, encode_jpeg, write_file
 from torchvision.transforms.v2.functional import center_crop, resize
 
+import datafiles
+
 DATASETS = ("cmnist", "mnist-pair", "celeba")
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
           "magenta": (255, 0, 255), "cyan": (0, 255, 255), "white": (255, 255, 255)}
-MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+MNIST_FILES = datafiles.MNIST_FILES
 CELEBA_FILES = ["img_align_celeba/", "list_attr_celeba.txt", "list_eval_partition.txt"]
 CELEBA_CROP, CELEBA_SIZE = 140, 64          # the usual CelebA-64 preprocessing (crop, then resize)
 MNIST_PAD = 2                               # 28 + 2·2 = 32 pixels
@@ -60,7 +65,7 @@ class DataConfig:
     cond_attr: str = "Smiling"     # celeba: the class label c
     cell_ratio: str = ""           # celeba: cond x group cell shares, e.g. "1,4,4,1" (overrides bias)
     min_cell: int = 100            # celeba with cell_ratio: refuse a split whose cell has fewer images
-    download: bool = False         # let torchvision download MNIST / CelebA (needs a network)
+    download: bool = False         # fetch absent MNIST files (CelebA: needs gdown); else no network
     seed: int = 0
 
 
@@ -134,19 +139,9 @@ def biased_indices(group: torch.Tensor, shares, n: int, gen: torch.Generator) ->
 
 # ------------------------------------------------------------------------------------------- MNIST
 def _mnist(cfg: DataConfig, train: bool):
-    root = data_root(cfg)
-    raw = root / "MNIST" / "raw"
-    have_raw = all((raw / f).exists() or (raw / f"{f}.gz").exists() for f in MNIST_FILES)
-    if not (have_raw or cfg.download):
-        raise FileNotFoundError(
-            f"MNIST not found under data root {root.resolve()}: expected {raw}/ with "
-            f"{', '.join(f + '[.gz]' for f in MNIST_FILES)}; pass --download (needs a network) or "
-            f"point --data-root / FAIRDIFF_DATA at a folder that has them")
-    # torchvision verifies and unpacks the official .gz files offline when only they are present
-    need_unpack = not all((raw / f).exists() for f in MNIST_FILES)
-    ds = torchvision.datasets.MNIST(root, train=train, download=cfg.download or need_unpack)
-    images = F.pad(ds.data, (MNIST_PAD,) * 4)                      # [N, 32, 32] uint8
-    return images, ds.targets.long()
+    """-> images uint8 [N, 32, 32], digits int64 [N]; the files are checked first (see datafiles)."""
+    gray, digits = datafiles.load_mnist(data_root(cfg) / "MNIST" / "raw", train, cfg.download)  # [N, 28, 28], [N]
+    return F.pad(gray, (MNIST_PAD,) * 4), digits
 
 
 def _cmnist(cfg, split, gray, digits, gen):
@@ -187,30 +182,72 @@ def _mnist_pair(cfg, split, gray, digits, gen):
 
 # ------------------------------------------------------------------------------------------ CelebA
 def read_celeba_table(path: Path):
-    """list_attr_celeba.txt -> (ids, attribute names, int8 [N, 40] of ±1)."""
-    lines = path.read_text().splitlines()
-    names = lines[1].split()
-    rows = [line.split() for line in lines[2:] if line.strip()]
-    values = torch.tensor([[int(v) for v in r[1:]] for r in rows], dtype=torch.int8)
-    return [r[0] for r in rows], names, values
+    """list_attr_celeba.txt -> (ids, attribute names, int8 [N, A] of ±1).
+
+    Line 1 is the image count N, line 2 the A attribute names, then per image '<id>.jpg' and A
+    values of 1 or -1. Anything else (an empty file, a cut-off one) raises one line naming the file."""
+    lines = path.read_text(errors="replace").splitlines()
+    head = [line.split() for line in lines[:2]]
+    if len(head) < 2 or len(head[0]) != 1 or not head[0][0].isdigit() or not head[1]:
+        raise ValueError(f"{path} is empty or malformed: expected line 1 = the image count, line 2 = "
+                         f"the attribute names, then '<id>.jpg' and one 1 or -1 per attribute; copy it again")
+    names = head[1]
+    rows = [(k, line.split()) for k, line in enumerate(lines[2:], start=3) if line.strip()]
+    for k, r in rows:
+        if len(r) != len(names) + 1 or not set(r[1:]) <= {"1", "-1"}:
+            raise ValueError(f"{path} line {k} is malformed ({' '.join(r)[:40]!r}): expected '<id>.jpg' "
+                             f"and {len(names)} values of 1 or -1; copy it again")
+    if int(head[0][0]) != len(rows):
+        raise ValueError(f"{path} says {head[0][0]} images on line 1 but lists {len(rows)} "
+                         f"(cut off?); copy it again")
+    values = torch.tensor([[int(v) for v in r[1:]] for _, r in rows], dtype=torch.int8)
+    return [r[0] for _, r in rows], names, values
+
+
+def read_partition(path: Path, ids) -> torch.Tensor:
+    """list_eval_partition.txt ('<id>.jpg 0|1|2' per line: train, val, test) -> int64 [N] for ids."""
+    part = {}
+    for k, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        r = line.split()
+        if r and (len(r) != 2 or r[1] not in ("0", "1", "2")):
+            raise ValueError(f"{path} line {k} is malformed ({line.strip()[:40]!r}): expected "
+                             f"'<id>.jpg 0|1|2' (train, val, test); copy it again")
+        if r:
+            part[r[0]] = int(r[1])
+    missing = [name for name in ids if name not in part]
+    if missing:
+        raise ValueError(f"{path} {'is empty' if not part else f'has no row for {missing[0]}'} "
+                         f"({len(missing)} of the images in list_attr_celeba.txt lack one): expected "
+                         f"'<id>.jpg 0|1|2' per image; copy it again")
+    return torch.tensor([part[name] for name in ids])
+
+
+def decode_face(path: Path) -> torch.Tensor:
+    """One aligned CelebA JPEG -> uint8 [3, 64, 64] (center-crop 140, resize 64; a 64-px copy as is)."""
+    try:
+        img = decode_image(str(path), mode=torchvision.io.ImageReadMode.RGB)   # [3, 218, 178]
+    except RuntimeError as e:      # torchvision's message starts with its own source location
+        reason = re.sub(r"^\w+, \S+:\d+, ", "", str(e)).splitlines()[0]
+        raise ValueError(f"{path} is not a readable image ({reason}); copy it again, or delete it "
+                         f"(missing images are left out)") from None
+    if img.shape[-1] != CELEBA_SIZE:
+        img = resize(center_crop(img, [CELEBA_CROP]), [CELEBA_SIZE], antialias=True)
+    return img
 
 
 def celeba_images(root: Path, ids) -> torch.Tensor:
-    """Decode (center-crop 140, resize 64) every id once; cached as uint8 [N, 3, 64, 64]."""
+    """Decode every id once; cached in CACHE_DIR as uint8 [N, 3, 64, 64]."""
     folder = root / "celeba" / "img_align_celeba"
     cache = CACHE_DIR / f"celeba_{CELEBA_SIZE}px_{len(ids)}_{ids[0]}_{ids[-1]}.pt"
-    if cache.exists():
-        return torch.load(cache, weights_only=True)
+    shape = (len(ids), 3, CELEBA_SIZE, CELEBA_SIZE)
+    out = datafiles.load_cache(cache, lambda x: torch.is_tensor(x) and x.shape == shape and x.dtype == torch.uint8)
+    if out is not None:
+        return out
     from tqdm import tqdm
-    out = torch.empty(len(ids), 3, CELEBA_SIZE, CELEBA_SIZE, dtype=torch.uint8)
+    out = torch.empty(shape, dtype=torch.uint8)
     for i, name in enumerate(tqdm(ids, desc="decoding CelebA once", leave=False)):
-        img = decode_image(str(folder / name), mode=torchvision.io.ImageReadMode.RGB)
-        if img.shape[-1] != CELEBA_SIZE:             # a compact 64-px copy needs no crop
-            img = resize(center_crop(img, [CELEBA_CROP]), [CELEBA_SIZE], antialias=True)
-        out[i] = img
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, cache.with_suffix(".tmp"))
-    os.replace(cache.with_suffix(".tmp"), cache)
+        out[i] = decode_face(folder / name)
+    datafiles.save_cache(out, cache)
     return out
 
 
@@ -218,6 +255,11 @@ def _celeba(cfg, split, gen):
     root = data_root(cfg)
     base = root / "celeba"
     missing = [f for f in CELEBA_FILES if not (base / f).exists()]
+    if missing and cfg.download and importlib.util.find_spec("gdown") is None:
+        raise FileNotFoundError(
+            f"--download true cannot fetch CelebA: torchvision fetches it from Google Drive with the "
+            f"package gdown, which is not installed; place {', '.join(CELEBA_FILES)} in "
+            f"{base.resolve()}/ by hand (or pip install gdown)")
     if missing and cfg.download:
         torchvision.datasets.CelebA(root, split="all", download=True)
         missing = []
@@ -225,11 +267,12 @@ def _celeba(cfg, split, gen):
         raise FileNotFoundError(
             f"CelebA not found under data root {root.resolve()}: expected {base}/ with "
             f"{', '.join(CELEBA_FILES)} (torchvision's layout); missing {', '.join(missing)}; "
-            f"pass --download (needs a network) or point --data-root / FAIRDIFF_DATA at it")
+            f"place them there by hand or point --data-root / FAIRDIFF_DATA at a folder that has them")
     ids, names, attrs = read_celeba_table(base / "list_attr_celeba.txt")
+    if "Male" not in names:
+        raise ValueError(f"{base / 'list_attr_celeba.txt'} has no Male column (the group); copy it again")
     if cfg.cond_attr not in names:
         raise ValueError(f"--cond-attr {cfg.cond_attr!r} is not a CelebA attribute; one of {', '.join(names)}")
-    part = dict(line.split() for line in (base / "list_eval_partition.txt").read_text().splitlines() if line.strip())
     present = [i for i, name in enumerate(ids) if (base / "img_align_celeba" / name).exists()]
     if not present:
         raise FileNotFoundError(f"no images of list_attr_celeba.txt found in {base / 'img_align_celeba'}")
@@ -237,7 +280,7 @@ def _celeba(cfg, split, gen):
     attrs = attrs[present]
     group = (attrs[:, names.index("Male")] < 0).long()            # 0 = male, 1 = female
     label = (attrs[:, names.index(cfg.cond_attr)] > 0).long()     # 1 = has cond_attr
-    partition = torch.tensor([int(part[name]) for name in ids])
+    partition = read_partition(base / "list_eval_partition.txt", ids)     # [N] 0 train, 1 val, 2 test
     wanted = {"train": 0, "val": 1, "test": 2}[split]
     pool = (partition == wanted).nonzero().squeeze(1)
     if cfg.cell_ratio:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 
 import data
+import datafiles
 from train import (ConfigError, TrainConfig, check_train_config, checkpoint, config_hash, load_checkpoint,
                    local_batch, main_guard, explicit_flags, parse_config, seed_everything, train)
 
@@ -49,6 +50,7 @@ PRESETS = {
     "full": dict(channels="128,256,256", steps=15000, batch_size=128, lr=2e-4, ckpt_every=2500),
 }
 GROUPS = 8   # GroupNorm groups (channels must be divisible by it)
+LATENT_KEYS = {"z0", "group", "label", "num_classes"}   # what encode_dataset caches
 
 
 class ResBlock(nn.Module):
@@ -214,14 +216,12 @@ def encode_dataset(vae: Autoencoder, vae_dir: Path, data_cfg: data.DataConfig, d
 
     Returns {"z0": [N, c, h, w], "group": [N], "label": [N], "num_classes": int} on `device`."""
     cache = Path(vae_dir) / f"latents-{split}-{config_hash(data_cfg)}.pt"
-    if cache.exists():
-        d = torch.load(cache, map_location=device, weights_only=True)
-    else:
+    d = datafiles.load_cache(cache, lambda d: isinstance(d, dict) and LATENT_KEYS <= d.keys(), device)
+    if d is None:                                                   # absent, or unreadable: rebuilt
         s = data.load(data_cfg, split)
         z0 = encode_images(vae, s.images, device) * vae.scale        # the one place scale is applied
         d = {"z0": z0.float(), "group": s.group, "label": s.label, "num_classes": s.num_classes}
-        torch.save({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in d.items()}, cache.with_suffix(".tmp"))
-        cache.with_suffix(".tmp").replace(cache)
+        datafiles.save_cache({k: (v.cpu() if torch.is_tensor(v) else v) for k, v in d.items()}, cache)
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in d.items()}
 
 

@@ -1,0 +1,70 @@
+"""Rules for the tests that need the real data root ($FAIRDIFF_DATA: MNIST/raw, celeba/).
+
+Those tests skip when the data is absent, which is right on a laptop, but would let CI pass without
+testing anything real. So:
+
+* with CI=true, an unset FAIRDIFF_DATA, or one that is not a folder, stops the session at once
+  (exit status 4), and a test skipped because the data is missing fails the run;
+* every run ends with one line saying how many real-data tests and notebook tests ran.
+
+A test counts as a real-data test when, in this process, it opens a file under $FAIRDIFF_DATA (seen
+by an audit hook on Python's `open` events) or when it is skipped with a reason that names
+FAIRDIFF_DATA. A test that reads the data only in a subprocess is not seen: the notebook execution
+tests are, and they are counted among the notebook tests (those of test_notebooks.py).
+"""
+import os
+import sys
+
+import pytest
+
+REAL_ROOT = os.environ.get("FAIRDIFF_DATA", "")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+_running = {"test": None}              # nodeid of the test being run (its fixtures included)
+_read_data, _data_skips = set(), set()   # nodeids: opened a file under REAL_ROOT / skipped for want of it
+_notebooks = {"ran": 0, "skipped": 0}
+
+
+def _watch_opens(event, args):
+    """Audit hook: note the running test when it opens a path under REAL_ROOT."""
+    if event == "open" and _running["test"] and isinstance(args[0], (str, os.PathLike)):
+        if os.path.abspath(args[0]).startswith(os.path.abspath(REAL_ROOT) + os.sep):
+            _read_data.add(_running["test"])
+
+
+def pytest_sessionstart(session):
+    if IN_CI and not os.path.isdir(REAL_ROOT):
+        pytest.exit(f"CI=true but FAIRDIFF_DATA ({REAL_ROOT or 'unset'}) is not a folder: point it at the "
+                    f"data root (MNIST/raw, celeba/) so the real-data tests run instead of skipping",
+                    returncode=pytest.ExitCode.USAGE_ERROR)
+    if os.path.isdir(REAL_ROOT):
+        sys.addaudithook(_watch_opens)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running["test"] = item.nodeid
+    yield
+    _running["test"] = None
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and "FAIRDIFF_DATA" in str(report.longrepr):
+        _data_skips.add(report.nodeid)
+    if report.nodeid.split("::")[0].endswith("test_notebooks.py") and (report.when == "call" or report.skipped):
+        _notebooks["skipped" if report.skipped else "ran"] += 1
+
+
+def pytest_sessionfinish(session):
+    if IN_CI and _data_skips:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    where = REAL_ROOT if os.path.isdir(REAL_ROOT) else f"{REAL_ROOT or 'unset'}, not a folder"
+    terminalreporter.write_line(
+        f"real data (FAIRDIFF_DATA={where}): {len(_read_data - _data_skips)} tests read it, "
+        f"{len(_data_skips)} skipped for want of it; notebook tests: {_notebooks['ran']} ran, "
+        f"{_notebooks['skipped']} skipped")
+    if IN_CI and _data_skips:
+        terminalreporter.write_line(f"CI=true: failing the run, {len(_data_skips)} real-data tests skipped: "
+                                    + ", ".join(sorted(_data_skips)), red=True)
