@@ -149,6 +149,7 @@ def main(argv=None):
         raise ConfigError("bench_sweep.py times CUDA graphs: it needs a GPU")
     if args.worker is not None:
         return worker(args)
+    torch.backends.cuda.matmul.allow_tf32 = True       # as ddm.py: the stacked arms run in float32 (stack.py)
     arms = [int(a) for a in args.arms.split(",")]
     info, device = bench.device_info("cuda"), "cuda"
     cfg = setting(args.batch_size)

@@ -413,6 +413,7 @@ def configure(argv=None) -> tuple:
 
 def main(argv=None):
     cfg, args = configure(argv)
+    torch.backends.cuda.matmul.allow_tf32 = True       # the stacked arms' float32 matmuls on tensor cores
     run_sweep(cfg, args.preset, args.runs, args.device, args.fresh)
     if not cfg.train_only:
         print(f"report: {Path(cfg.report or Path(args.runs) / cfg.dataset / f'ddm-{cfg.protocol}') / 'report.md'}")

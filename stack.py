@@ -22,12 +22,17 @@ images instead of a grouped one, and costs no memory per arm.
 
 Random ops inside the network are refused (randomness="error": the UNet's dropout is 0 in every
 preset), so the stacked forward draws no numbers the separate runs would not.
+
+Precision: the stacked forward runs in float32 (TF32 tensor cores on a GPU) with the math attention
+kernel. Under vmap, bf16 autocast does not reach the convolutions (a bf16 activation meets float32
+weights), and the fused attention kernels reject vmap's strides in the backward pass.
 """
 import copy
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class Stacked(nn.Module):
@@ -54,7 +59,9 @@ class Stacked(nn.Module):
         """Every input carries the arm axis first ([A, B, …]); so does every output."""
         def one_arm(theta, *x):
             return functional_call(self.template, dict(zip(self.names, theta)), x)
-        return vmap(one_arm, randomness="error")(tuple(self.stacked), *inputs)
+        inputs = [x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs]
+        with torch.autocast("cuda", enabled=False), sdpa_kernel(SDPBackend.MATH):    # see Precision
+            return vmap(one_arm, randomness="error")(tuple(self.stacked), *inputs)
 
     @torch.no_grad()
     def arm(self, a: int) -> nn.Module:
