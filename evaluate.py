@@ -136,8 +136,9 @@ def cached_classifier(path: Path, in_channels, num_classes, train, test, *, epoc
     train_classifier(net, images, targets, epochs=epochs, device=device, seed=seed, flip=flip, desc=path.stem)
     accuracy = (predict(net, test[0], device)[0].argmax(1) == test[1]).double().mean().item()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": net.state_dict(), "accuracy": accuracy}, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")          # one per process: parallel runs
+    torch.save({"state_dict": net.state_dict(), "accuracy": accuracy}, tmp)
+    os.replace(tmp, path)
     return net, accuracy
 
 

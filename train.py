@@ -204,6 +204,19 @@ def _comparable(cfg) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in NOT_HASHED}
 
 
+def truncate_log(path: Path, step: int):
+    """Drop the log rows written after the checkpoint's step (a run killed between a log line and the
+    next checkpoint logged steps that the resumed run will log again)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    if len(kept) < len(rows):
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
 def check_writable(folder: Path):
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -465,6 +478,8 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
         for g, saved in zip(gens, state["gen"][rank:] if arm_seeds is None else state["gen"]):
             g.set_state(saved.to("cpu") if cuda else saved)
         step = state["step"]
+        if rank == 0:
+            truncate_log(out / "log.jsonl", step)
         if step < cfg.steps and rank == 0:
             print(f"resuming {out} from step {step}")
     net = model

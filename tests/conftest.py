@@ -3,7 +3,7 @@
 Those tests skip when the data is absent, which is right on a laptop, but would let CI pass without
 testing anything real. So:
 
-* with CI=true, an unset FAIRDIFF_DATA, or one that is not a folder, stops the session at once
+* with CI=true, an unset FAIRDIFF_DATA, or one that is not a folder, stops the test run at once
   (exit status 4), and a test skipped because the data is missing fails the run;
 * every run ends with one line saying how many real-data tests and notebook tests ran.
 

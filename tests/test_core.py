@@ -5,6 +5,7 @@ command lines' one-line errors on bad input.
 Every test runs on CPU in seconds with tiny models. MNIST is a synthetic stand-in written in
 torchvision's raw IDX layout (and the real one when FAIRDIFF_DATA has it); CelebA is a tiny folder
 of JPEGs in the real layout."""
+import json
 import math
 import os
 import shutil
@@ -550,6 +551,25 @@ def test_kill_and_resume_gives_identical_weights(tmp_path):
     for k, v in model.state_dict().items():                        # the model is left with the EMA weights
         assert torch.equal(v, straight["ema_model"][k])
     assert not list((tmp_path / "resumed").glob("*.tmp"))
+
+
+def test_a_resumed_log_has_each_step_once(tmp_path):
+    """Killed after logging step 4 but checkpointed at step 3: the rerun drops the row of step 4 and
+    logs it again, so log.jsonl lists the steps of an uninterrupted run, each once."""
+    loss_fn = tiny_diffusion_task()
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup=2, ckpt_every=3, log_every=2)
+    train_lib.train(tiny_unet(0), loss_fn, cfg, tmp_path / "straight")
+
+    def killed(net, step, g):
+        if step == 4:                                              # after the row of step 4
+            raise KeyboardInterrupt
+        return loss_fn(net, step, g)
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.train(tiny_unet(0), killed, cfg, tmp_path / "resumed")
+    steps = lambda run: [json.loads(line)["step"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+    assert steps("resumed") == [2, 3, 4]                           # the row after the checkpoint is there
+    train_lib.train(tiny_unet(0), loss_fn, cfg, tmp_path / "resumed")
+    assert steps("resumed") == steps("straight") == [2, 3, 4, 6]
 
 
 def test_graph_step_body_with_tensor_lr_matches_the_eager_step():
