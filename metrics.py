@@ -16,7 +16,7 @@ The verdict rule (`ddm_verdict`, printed in the report above its table). For one
 scale, "DDM lowers FD" only if some α > 0 arm has, across seeds,
 
     d̄ < −2 · max(SE_d, 0.5 / √(n·S))   against the plain α = 0 fine-tune AND against the
-    group-rebalanced α = 0 fine-tune, on the FD of the read p̂ and on the FD of the
+    group-rebalanced α = 0 fine-tune (where the sweep has one), on the FD of the read p̂ and on the FD of the
     confusion-corrected p̂, and mean FID-C ≤ 1.2 × the plain α = 0 arm's mean FID-C;
 
 otherwise "DDM does not lower FD". The floor 0.5 / √(n·S) is the largest binomial standard error of
@@ -103,8 +103,9 @@ def ddm_verdict(arms: dict, plain: str, rebalanced, metric="FD", corrected=True,
 
 def verdict_rule(metric="FD") -> str:
     """The rule as one sentence, for the report (written before its table)."""
-    return (f"Rule, fixed before the runs: DDM lowers {metric} only if some α > 0 has a {metric} below both the "
-            f"plain α = 0 and the group-rebalanced α = 0 fine-tune by more than {SE_MARGIN:g} standard errors of "
+    return (f"Rule, fixed before the runs: DDM lowers {metric} only if some α > 0 has a {metric} below the "
+            f"plain α = 0 fine-tune and (where the sweep has one: not at a 1:1 ratio, not in protocol biased-base) "
+            f"the group-rebalanced α = 0 fine-tune by more than {SE_MARGIN:g} standard errors of "
             f"the paired across-seed difference (floored at 0.5/√(n·S), the binomial error of a share of n samples "
             f"at S seeds)" + (", on the read and on the confusion-corrected p̂," if metric == "FD"
                                                     else ",") +
