@@ -33,8 +33,9 @@ from torchvision.utils import save_image
 
 import data
 import vae as vae_lib
-from train import (ConfigError, TrainConfig, check_train_config, config_hash, distributed, load_checkpoint,
-                   local_batch, main_guard, parse_config, runtime_flags, seed_everything, train, explicit_flags)
+from train import (ConfigError, TrainConfig, check_train_config, config_hash, distributed, int_list,
+                   load_checkpoint, local_batch, main_guard, parse_config, runtime_flags, seed_everything, train,
+                   explicit_flags)
 from unet import UNet, count_parameters
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
@@ -233,8 +234,26 @@ PRESETS = {
 CELEBA_OVERRIDES = {"small": dict(channels="128,256,256", steps=2000), "full": dict(channels="192,384,384")}
 
 
+def check_diffusion_config(cfg: DiffusionConfig):
+    """The denoiser's and sampler's flags, checked before the autoencoder trains."""
+    if cfg.norm_groups < 1 or cfg.num_res_blocks < 1:
+        raise ConfigError(f"--norm-groups {cfg.norm_groups} and --num-res-blocks {cfg.num_res_blocks} must be >= 1")
+    uneven = [c for c in int_list("channels", cfg.channels) if c % cfg.norm_groups]
+    if uneven:
+        raise ConfigError(f"--channels {cfg.channels}: {uneven[0]} is not divisible by --norm-groups {cfg.norm_groups}")
+    if cfg.num_train_timesteps < 1:
+        raise ConfigError(f"--num-train-timesteps {cfg.num_train_timesteps} must be >= 1")
+    if not 1 <= cfg.sample_steps <= cfg.num_train_timesteps:
+        raise ConfigError(f"--sample-steps {cfg.sample_steps}: choose 1..{cfg.num_train_timesteps} "
+                          f"(--num-train-timesteps)")
+    if not 0 <= cfg.p_uncond <= 1:
+        raise ConfigError(f"--p-uncond {cfg.p_uncond} is outside [0, 1] (a probability)")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"--dropout {cfg.dropout} is outside [0, 1)")
+
+
 def build_unet(cfg: DiffusionConfig, num_classes: int, latent_channels=4) -> UNet:
-    return UNet(latent_channels, [int(c) for c in cfg.channels.split(",")], cfg.num_res_blocks,
+    return UNet(latent_channels, int_list("channels", cfg.channels), cfg.num_res_blocks,
                 num_classes, cfg.norm_groups, cfg.dropout)
 
 
@@ -314,6 +333,7 @@ def ensure_base(cfg: DiffusionConfig, preset: str, runs: str, device: str, fresh
     """Find the base model by its config hash (training the autoencoder and it when missing)."""
     data_cfg = data_config(cfg)
     check_train_config(cfg)                                   # bad flags fail before the autoencoder trains
+    check_diffusion_config(cfg)
     rank, world = distributed()                               # first: under torchrun "cuda" is this rank's GPU
     scheduler = build_scheduler(cfg, "ddpm")
     vae, vae_dir = vae_lib.ensure_vae(data_cfg, preset, runs, device, fresh, **runtime_flags(cfg))

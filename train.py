@@ -90,7 +90,7 @@ def parse_config(cls, presets: dict, argv=None, description=""):
         kind = {bool: _bool, int: int, float: float}.get(type(f.default), str)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"default {f.default!r}")
     args = p.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.preset is None:
         args.preset = "small" if args.device.startswith("cuda") else "tiny"
     values = dict(presets.get(args.preset, {}))
@@ -112,6 +112,33 @@ def graph_by_default(cls, device: str, values: dict) -> bool:
     one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1     # torchrun sets WORLD_SIZE
     return (issubclass(cls, TrainConfig) and device.startswith("cuda") and one_process
             and "cuda_graph" not in values and not values.get("compile", False))
+
+
+def check_device(device: str) -> str:
+    """`--device` names cpu or a CUDA GPU this machine has."""
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        where = None
+    if where is None or where.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: unknown device; choose cpu, cuda or cuda:N")
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available; use --device cpu")
+    if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def int_list(flag: str, text: str) -> list:
+    """'16,32' -> [16, 32]; anything else (empty, not a number, below 1) is one line naming the flag."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConfigError(f"--{flag} {text!r}: expected comma-separated positive integers, e.g. 16,32")
+    return values
 
 
 def check_train_config(cfg: TrainConfig):

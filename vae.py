@@ -33,8 +33,8 @@ from torchvision.utils import save_image
 
 import data
 import datafiles
-from train import (ConfigError, TrainConfig, check_train_config, checkpoint, config_hash, load_checkpoint,
-                   local_batch, main_guard, explicit_flags, parse_config, seed_everything, train)
+from train import (ConfigError, TrainConfig, check_train_config, checkpoint, config_hash, int_list,
+                   load_checkpoint, local_batch, main_guard, explicit_flags, parse_config, seed_everything, train)
 
 
 @dataclass
@@ -144,14 +144,23 @@ def vae_config(data_cfg: data.DataConfig, preset: str, **overrides) -> VAEConfig
     return VAEConfig(**{k: v for k, v in fields.items() if k in VAEConfig.__dataclass_fields__})
 
 
+def check_vae_config(cfg: VAEConfig):
+    uneven = [c for c in int_list("channels", cfg.channels) if c % GROUPS]
+    if uneven:
+        raise ConfigError(f"--channels {cfg.channels}: {uneven[0]} is not divisible by {GROUPS} (GroupNorm groups)")
+    if cfg.latent_channels < 1:
+        raise ConfigError(f"--latent-channels {cfg.latent_channels} must be >= 1")
+    if cfg.kl_weight < 0:
+        raise ConfigError(f"--kl-weight {cfg.kl_weight} must be >= 0")
+
+
 def build(cfg: VAEConfig) -> Autoencoder:
-    return Autoencoder([int(c) for c in cfg.channels.split(",")], cfg.latent_channels, cfg.kl_weight)
+    return Autoencoder(int_list("channels", cfg.channels), cfg.latent_channels, cfg.kl_weight)
 
 
 def train_vae(cfg: VAEConfig, out: Path, device: str) -> Autoencoder:
     """Train (or resume / reuse) the autoencoder in `out`; measure and store the latent scale."""
-    if cfg.kl_weight < 0:
-        raise ConfigError(f"--kl-weight {cfg.kl_weight} must be >= 0")
+    check_vae_config(cfg)
     images = data.load(cfg, "train").images.to(device)    # uint8 [N, 3, H, W], resident on device
     seed_everything(cfg.seed)                             # same seed ⇒ same initial weights
     model = build(cfg).to(device)
@@ -203,6 +212,7 @@ def ensure_vae(data_cfg: data.DataConfig, preset: str, runs: str, device: str, f
     data.check_config(data_cfg)                           # fail on a bad flag before training anything
     cfg = vae_config(data_cfg, preset, **overrides)
     check_train_config(cfg)
+    check_vae_config(cfg)
     out = Path(runs) / cfg.dataset / f"vae-{config_hash(cfg)}"
     if fresh and (out / "ckpt.pt").exists():
         (out / "ckpt.pt").unlink()
