@@ -95,9 +95,15 @@ def check_config(cfg: DataConfig):
         raise ValueError(f"--bias {cfg.bias} is outside [0, 1] (it is the share of group 0)")
     if cfg.n_train < 0:
         raise ValueError(f"--n-train {cfg.n_train} must be >= 0 (0 = as many as the bias allows)")
-    for name in cfg.colors.split(","):
+    names = cfg.colors.split(",")
+    for name in names:
         if name not in COLORS:
-            raise ValueError(f"unknown color {name!r}; choose from {', '.join(COLORS)}")
+            raise ValueError(f"--colors {cfg.colors!r}: unknown color {name!r}; choose from {', '.join(COLORS)}")
+    if len(names) < 2 or len(set(names)) < len(names):
+        raise ValueError(f"--colors {cfg.colors!r}: give two or more different colors (one per group), e.g. red,green")
+    pair = cfg.digits.split(",")
+    if len(pair) != 2 or len(set(pair)) != 2 or not set(pair) <= set("0123456789"):
+        raise ValueError(f"--digits {cfg.digits!r} must name two different digits, e.g. 7,8")
 
 
 def load(cfg: DataConfig, split: str) -> Split:
@@ -169,9 +175,7 @@ def _cmnist(cfg, split, gray, digits, gen):
 
 
 def _mnist_pair(cfg, split, gray, digits, gen):
-    pair = [int(d) for d in cfg.digits.split(",")]
-    if len(pair) != 2 or len(set(pair)) != 2 or not all(0 <= d <= 9 for d in pair):
-        raise ValueError(f"--digits {cfg.digits!r} must name two different digits, e.g. 7,8")
+    pair = [int(d) for d in cfg.digits.split(",")]                     # two different digits (check_config)
     keep = (digits == pair[0]) | (digits == pair[1])
     gray, group = gray[keep], (digits[keep] == pair[1]).long()
     shares = [cfg.bias, 1 - cfg.bias] if split == "train" else [0.5, 0.5]
