@@ -114,12 +114,14 @@ def check(cfg: InvDiffConfig):
     unknown = [a for a in cfg.arms.split(",") if a not in ARMS]
     if unknown or not cfg.arms:
         raise ConfigError(f"--arms {cfg.arms!r}: unknown {unknown}; choose from {','.join(ARMS)}")
-    if cfg.envs < 1 or cfg.env_draws < 1 or cfg.env_iters < 0 or cfg.samples_per_class < 2:
-        raise ConfigError(f"--envs {cfg.envs} and --env-draws {cfg.env_draws} must be >= 1, --env-iters "
-                          f"{cfg.env_iters} >= 0, --samples-per-class {cfg.samples_per_class} >= 2")
-    if not 0 < cfg.module_width <= 1 or cfg.guidance_weight < 0 or cfg.lam < 0:
-        raise ConfigError(f"--module-width {cfg.module_width} must be in (0, 1], --guidance-weight "
-                          f"{cfg.guidance_weight} and --lam {cfg.lam} >= 0")
+    smallest_values = (("envs", cfg.envs, 1), ("env-draws", cfg.env_draws, 1), ("env-iters", cfg.env_iters, 0),
+                       ("samples-per-class", cfg.samples_per_class, 2), ("sample-steps", cfg.sample_steps, 1),
+                       ("lam", cfg.lam, 0), ("guidance-weight", cfg.guidance_weight, 0))
+    for flag, value, smallest in smallest_values:
+        if value < smallest:
+            raise ConfigError(f"--{flag} {value} must be >= {smallest}")
+    if not 0 < cfg.module_width <= 1:
+        raise ConfigError(f"--module-width {cfg.module_width} must be in (0, 1]")
 
 
 # ------------------------------------------------------------------ 1. environment inference (max)
