@@ -39,7 +39,6 @@ cmnist the foreground's mean color (3 numbers) is appended, scaled to the same t
 real test images as the CNN features: an off-palette hue costs FID-C. Not Inception-FID: never
 compare the two.
 """
-import argparse
 import json
 import math
 import os
@@ -56,6 +55,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from data import COLORS, DataConfig, biased_indices, load
+from train import ConfigError, _bool, _Parser, check_device, check_writable
 
 FOREGROUND = 0.5         # a pixel whose brightest channel is ≥ this (of 1) belongs to the digit
 CONFIDENT = 0.9          # softmax probability of "a confidently recognised digit"
@@ -497,27 +497,44 @@ def plot_samples(arms, out_dir: Path, n=64):
 
 
 # -------------------------------------------------------------------------------------------- CLI
+def check_report_folder(folder: Path):
+    """The report goes to folder (created later if absent): fail now, not after sampling."""
+    try:
+        check_writable(folder if folder.exists() else folder.parent)
+    except ConfigError:
+        raise ConfigError(f"report folder {folder} is not writable; make it writable or copy the run elsewhere") from None
+
+
 def main(argv=None):
     """python evaluate.py --run runs/cmnist/<stage>: sample --n images and evaluate them as one arm."""
-    p = argparse.ArgumentParser(description="sample a trained model and evaluate it as one arm")
-    p.add_argument("--run", required=True, help="a run folder, e.g. runs/cmnist/base")
+    p = _Parser(description="sample a trained model and evaluate it as one arm")
+    p.add_argument("--run", required=True, help="a base model run folder, e.g. runs/cmnist/base-<hash>")
     p.add_argument("--n", type=int, default=2000, help="samples to draw")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--runs-dir", default="runs", help="where the evaluation classifiers are cached")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    a = p.parse_args(argv)
+    p.add_argument("--data-root", default=None, help="the data root (default: the run's, else $FAIRDIFF_DATA)")
+    p.add_argument("--download", type=_bool, default=None, help="fetch absent MNIST files (true/false)")
     try:
-        if not Path(a.run).is_dir():
-            raise FileNotFoundError(f"--run {a.run} is not a folder; pass a trained run such as runs/cmnist/base")
+        a = p.parse_args(argv)
+        run = Path(a.run)
+        if not run.is_dir():
+            raise FileNotFoundError(f"--run {a.run} is not a folder; pass a trained run such as runs/cmnist/base-<hash>")
+        if run.name.startswith("vae-"):
+            raise ValueError(f"--run {a.run} is an autoencoder run; pass a base model run such as "
+                             f"runs/{run.parent.name}/base-<hash>")
         if a.n < 2:
             raise ValueError(f"--n {a.n} must be at least 2 (FID-C needs a covariance)")
+        device = check_device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_report_folder(run / "eval")
         from ddpm import load_pipeline          # here, so that evaluate.py imports without ddpm.py
-        device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load_pipeline(a.run, device)
-        evaluator = get_evaluator(pipe.data_cfg, a.runs_dir, device)
-        arm = {"name": Path(a.run).name, "images": pipe.sample(a.n, seed=a.seed)}
-        evaluate_arms([arm], evaluator, pipe.data_cfg, Path(a.run) / "eval", method=Path(a.run).name,
-                      preset=pipe.preset, device_name=device, extra={"run": str(a.run), "n": a.n, "seed": a.seed})
+        pipe = load_pipeline(run, device)
+        given = {"data_root": a.data_root, "download": a.download}
+        data_cfg = replace(pipe.data_cfg, **{k: v for k, v in given.items() if v is not None})
+        evaluator = get_evaluator(data_cfg, a.runs_dir, device)
+        arm = {"name": run.name, "images": pipe.sample(a.n, seed=a.seed)}
+        evaluate_arms([arm], evaluator, data_cfg, run / "eval", method=run.name, preset=pipe.preset,
+                      device_name=device, extra={"run": str(a.run), "n": a.n, "seed": a.seed})
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
