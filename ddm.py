@@ -36,9 +36,10 @@ Scenarios: FD — the prompt's samples are scored by their groups' balance, FD =
 SPD — the group is the condition, SPD = |P(shows a | cond a) − P(shows b | cond b)|.
 Seeds are an axis: every arm runs at each seed (fine-tune seed and sampling noise), arms of one seed
 share their sampling noise (paired), and all arms of a scenario train and sample as one stacked model
-(stack.py), exactly as if each ran alone. The report (ddm_report.py) applies the verdict rule of
-metrics.py, written before any number came in.
+(stack.py), exactly as each would alone in float32. The report (ddm_report.py) applies the verdict
+rule of metrics.py, written before any number came in.
 """
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -59,7 +60,6 @@ from unet import Attention
 
 PROTOCOLS = ("prior", "biased-base")
 SCENARIOS = ("fd", "spd")
-SAMPLE_LATENTS = 16384     # latents per stacked sampling pass, all arms together
 
 
 @dataclass
@@ -320,48 +320,10 @@ def finetune(pipe, cfg: DDMConfig, scenario: str, arms: list, num_groups: int, o
 
     stats = train(stack, loss_fn, cfg, out, device=device, desc=f"ddm {scenario} ({len(arms)} arms)",
                   arm_seeds=[arm.seed for arm in arms])
-    if stats["img_per_s"] == stats["img_per_s"]:
+    if not math.isnan(stats["img_per_s"]):                    # NaN: nothing left to train, reused
         print(f"{scenario}: {len(arms)} arms, {stats['step']} steps in {stats['seconds']:.0f}s "
               f"({stats['img_per_s']:.0f} img/s over all arms)")
     return stack.eval()
-
-
-# --------------------------------------------------------------------------------------- sampling
-def conditions(pipe, cfg: DDMConfig, scenario: str, num_groups: int) -> dict:
-    """What each arm is sampled with: {group or None: class row} (FD: one entry, None)."""
-    null = pipe.unet.num_classes
-    if scenario == "spd":
-        return {g: null + 1 + g for g in range(num_groups)}
-    return {None: null + 1 if cfg.protocol == "prior" else null}
-
-
-def sample_arms(pipe, stack: Stacked, arms: list, cfg: DDMConfig, row: int, scale: float, seed_offset=0):
-    """Latents of every arm for one class row at one CFG scale: [A, n, c, h, w]. Arm a's noise comes
-    from seed 1000 + seed_a + seed_offset, so arms of one seed share it."""
-    A, n = len(arms), cfg.n_samples
-    cond = torch.full((A, n), row, dtype=torch.long, device=pipe.device)
-    return pipe.sample_latents(n, cond, seed=[1000 + arm.seed + seed_offset for arm in arms],
-                               steps=cfg.sample_steps, guidance_scale=scale, null_class=pipe.unet.num_classes,
-                               model=lambda z, t, c: stack(z, t, c)[0],
-                               batch_size=max(1, SAMPLE_LATENTS // (A * (2 if scale != 1 else 1))))
-
-
-def decode(pipe, z):
-    """[A, n, c, h, w] latents -> [A, n, 3, H, W] uint8 images on the CPU."""
-    return pipe.decode(z.flatten(0, 1)).cpu().unflatten(0, z.shape[:2])
-
-
-@torch.inference_mode()
-def indicator_readings(stack: Stacked, z0, cond, y, t, seed=0) -> tuple:
-    """C on ε̂ of latents z0 [A, N, …] noised at timesteps t [N] (shared by the arms), each arm with its
-    own conditions cond [A, N]: (accuracy against y [A, N], entropy in nats [A, N])."""
-    gen = torch.Generator(z0.device).manual_seed(seed)
-    noise = torch.randn(z0.shape[1:], generator=gen, device=z0.device).expand_as(z0)
-    scheduler = stack.template.scheduler
-    z_t = scheduler.add_noise(z0.flatten(0, 1), noise.flatten(0, 1), t.repeat(len(z0))).view_as(z0)
-    _, logits = stack(z_t, t.expand(len(z0), -1), cond)                                 # [A, N, K]
-    p = logits.float().softmax(-1)
-    return (logits.argmax(-1) == y).float(), -(p * p.clamp_min(1e-12).log()).sum(-1)
 
 
 # ------------------------------------------------------------------------------------------ sweep
@@ -381,11 +343,13 @@ def run_sweep(cfg: DDMConfig, preset: str, runs: str, device: str, fresh=False, 
     results = {}
     for scenario in cfg.scenarios.split(","):
         arms = sweep_arms(cfg, scenario)
-        arm_cfg = replace(cfg, scenarios=scenario, report="", train_only=False,
-                          snapshots=",".join(map(str, ddm_report.stack_snapshots(cfg))))
+        arm_cfg = replace(cfg, scenarios=scenario, report="", train_only=False,   # what the arms learn from
+                          n_samples=DDMConfig.n_samples, guidance_scales=DDMConfig.guidance_scales,
+                          sample_steps=DDMConfig.sample_steps, snapshots=",".join(map(str, snapshot_steps(cfg))))
         out = Path(runs) / cfg.dataset / f"ddm-{cfg.protocol}-{scenario}-{config_hash(arm_cfg)}-{pipe.run_dir.name}"
         if fresh:
-            (out / "ckpt.pt").unlink(missing_ok=True)
+            for old in [out / "ckpt.pt", out / "log.jsonl", *out.glob("ema_step*.pt")]:
+                old.unlink(missing_ok=True)
         stack = finetune(pipe, arm_cfg, scenario, arms, num_groups, out)
         if cfg.train_only:
             continue
@@ -396,6 +360,11 @@ def run_sweep(cfg: DDMConfig, preset: str, runs: str, device: str, fresh=False, 
     report = Path(cfg.report or Path(runs) / cfg.dataset / f"ddm-{cfg.protocol}")
     return ddm_report.write_report(results, cfg, pipe, evaluator, confusion, report, preset=preset,
                                    wall_seconds=time.perf_counter() - t_start)
+
+
+def snapshot_steps(cfg: DDMConfig) -> list:
+    """The steps whose EMA weights are kept for the trajectory: 25% and 50% of the fine-tune."""
+    return sorted({s for s in (cfg.steps // 4, cfg.steps // 2) if 0 < s < cfg.steps})
 
 
 def configure(argv=None) -> tuple:

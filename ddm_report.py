@@ -29,9 +29,55 @@ import evaluate
 import metrics
 from stack import Stacked
 
-T_BINS = ((0, 250), (250, 500), (500, 750), (750, 1000))
 N_DIAGNOSTIC = 1000      # real held-out latents behind C's accuracy
 GRID = 64                # samples in an arm's grid
+
+
+# ---------------------------------------------------------------------------------------- sampling
+SAMPLE_LATENTS = 16384     # latents per stacked forward pass, all arms together
+SAMPLE_SEED = 10 ** 6      # arm noise: SAMPLE_SEED·(1 + group) + seed, apart from training's seed·1000
+
+
+def conditions(pipe, cfg, scenario: str, num_groups: int) -> dict:
+    """The class row each arm is sampled with: {group (FD: 0): row}."""
+    null = pipe.unet.num_classes
+    if scenario == "spd":
+        return {g: null + 1 + g for g in range(num_groups)}
+    return {0: null + 1 if cfg.protocol == "prior" else null}
+
+
+def sample_arms(pipe, stack: Stacked, arms: list, cfg, class_row: int, scale: float, group: int):
+    """Latents of every arm for one class row at one CFG scale: [A, n, c, h, w]. Arm a's noise comes
+    from seed SAMPLE_SEED·(1 + group) + seed_a, so arms of one seed share it and seeds never do."""
+    A, n = len(arms), cfg.n_samples
+    cond = torch.full((A, n), class_row, dtype=torch.long, device=pipe.device)
+    return pipe.sample_latents(n, cond, seed=[SAMPLE_SEED * (1 + group) + arm.seed for arm in arms],
+                               steps=cfg.sample_steps, guidance_scale=scale, model=lambda z, t, c: stack(z, t, c)[0],
+                               batch_size=max(1, SAMPLE_LATENTS // (A * (2 if scale != 1 else 1))))
+
+
+def decode(pipe, z):
+    """[A, n, c, h, w] latents -> [A, n, 3, H, W] uint8 images on the CPU."""
+    return pipe.decode(z.flatten(0, 1)).cpu().unflatten(0, z.shape[:2])
+
+
+@torch.inference_mode()
+def indicator_probs(stack: Stacked, z0, cond, t, seed=0) -> torch.Tensor:
+    """softmax C(ε̂) of latents z0 [A, N, …] noised at timesteps t [N] (shared by the arms), each arm
+    with its own conditions cond [A, N] -> [A, N, K], in chunks of SAMPLE_LATENTS latents."""
+    gen = torch.Generator(z0.device).manual_seed(seed)
+    noise = torch.randn(z0.shape[1:], generator=gen, device=z0.device)                 # [N, c, h, w]
+    scheduler, A, out = stack.template.scheduler, len(z0), []
+    for i in range(0, z0.shape[1], max(1, SAMPLE_LATENTS // A)):
+        part = slice(i, i + max(1, SAMPLE_LATENTS // A))
+        z_t = scheduler.add_noise(z0[:, part].flatten(0, 1), noise[part].repeat(A, 1, 1, 1),    # every arm
+                                  t[part].repeat(A)).view_as(z0[:, part])                    # the same noise
+        out.append(stack(z_t, t[part].expand(A, -1), cond[:, part])[1].float().softmax(-1))
+    return torch.cat(out, 1)
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
 
 
 def reader_confusion(pipe, evaluator, test) -> dict:
@@ -57,29 +103,35 @@ def scales_of(cfg, scenario) -> list:
 
 def sample_and_score(pipe, stack, arms, cfg, scenario, num_groups, evaluator, confusion, real, scale) -> list:
     """One record per arm at one CFG scale (every metric and diagnostic but C's accuracy)."""
-    rows = ddm.conditions(pipe, cfg, scenario, num_groups)
-    images, entropy = {}, torch.zeros(len(arms))
-    for g, row in rows.items():
-        z = ddm.sample_arms(pipe, stack, arms, cfg, row, scale, seed_offset=g or 0)           # [A, n, c, h, w]
-        images[g] = ddm.decode(pipe, z)                                                       # [A, n, 3, H, W]
-        t = torch.randint(0, 1000, (z.shape[1],), generator=torch.Generator().manual_seed(1)).to(z.device)
-        cond = torch.full(z.shape[:2], row, dtype=torch.long, device=z.device)
-        entropy += ddm.indicator_readings(stack, z, cond, cond, t)[1].mean(1).cpu() / len(rows)
+    rows = conditions(pipe, cfg, scenario, num_groups)
+    T = stack.template.scheduler.num_train_timesteps
+    images, c_entropy = {}, torch.zeros(len(arms))
+    for g, class_row in rows.items():
+        z = sample_arms(pipe, stack, arms, cfg, class_row, scale, group=g)                  # [A, n, c, h, w]
+        images[g] = decode(pipe, z)                                                         # [A, n, 3, H, W]
+        t = torch.randint(0, T, (z.shape[1],), generator=torch.Generator().manual_seed(1)).to(z.device)
+        cond = torch.full(z.shape[:2], class_row, dtype=torch.long, device=z.device)
+        c_entropy += entropy(indicator_probs(stack, z, cond, t)).mean(1).cpu() / len(rows)
     records = []
     for a, arm in enumerate(arms):
         item = {"name": arm.name}
         if scenario == "fd":
-            item["images"] = images[None][a]
+            item["images"] = images[0][a]
         else:
             item["cond_images"] = {g: images[g][a] for g in rows}
         m = evaluate.evaluate_arm(item, evaluator, real)
         p_corr = metrics.corrected_shares(torch.tensor(m["p_hat"]), confusion["reconstructed"])
         m.update(scenario=arm.scenario, ratio=arm.ratio, kind=arm.kind, alpha=arm.alpha, seed=arm.seed,
                  scale=scale, p_hat_corrected=p_corr.tolist(), FD_corrected=evaluate.fd_half_l1(p_corr).item(),
-                 confidence=confidence(evaluator, evaluate.pooled_images(item)), C_entropy=entropy[a].item())
+                 confidence=confidence(evaluator, evaluate.pooled_images(item)), C_entropy=c_entropy[a].item())
         m["grid"] = evaluate.pooled_images(item, per_condition=-(-GRID // len(rows)))[:GRID]
         records.append(m)
     return records
+
+
+def t_bins(T: int) -> list:
+    """The four quarters of [0, T) in which C's accuracy is read."""
+    return [(T * q // 4, T * (q + 1) // 4) for q in range(4)]
 
 
 def indicator_accuracy(pipe, stack, arms, cfg, scenario, test) -> torch.Tensor:
@@ -88,10 +140,10 @@ def indicator_accuracy(pipe, stack, arms, cfg, scenario, test) -> torch.Tensor:
     z0, y = test["z0"][:N_DIAGNOSTIC], test["group"][:N_DIAGNOSTIC]
     cond = null + 1 + y if scenario == "spd" else torch.full_like(y, null + 1 if cfg.protocol == "prior" else null)
     A, gen, out = len(arms), torch.Generator().manual_seed(2), []
-    for lo, hi in T_BINS:
+    for lo, hi in t_bins(stack.template.scheduler.num_train_timesteps):
         t = torch.randint(lo, hi, (len(z0),), generator=gen).to(z0.device)
-        acc, _ = ddm.indicator_readings(stack, z0.expand(A, *z0.shape), cond.expand(A, -1), y.expand(A, -1), t)
-        out.append(acc.mean(1).cpu())
+        p = indicator_probs(stack, z0.expand(A, *z0.shape), cond.expand(A, -1), t)          # [A, N, K]
+        out.append((p.argmax(-1) == y).float().mean(1).cpu())
     return torch.stack(out, 1)
 
 
@@ -103,7 +155,8 @@ def evaluate_scenario(pipe, stack, arms, cfg, scenario, num_groups, evaluator, t
     for scale in scales_of(cfg, scenario):
         for a, m in enumerate(sample_and_score(pipe, stack, arms, cfg, scenario, num_groups, evaluator,
                                                confusion, real, scale)):
-            m.update({f"C_acc_t{lo}-{hi}": acc[a, i].item() for i, (lo, hi) in enumerate(T_BINS)})
+            m.update({f"C_acc_t{lo}-{hi}": acc[a, i].item()
+                      for i, (lo, hi) in enumerate(t_bins(stack.template.scheduler.num_train_timesteps))})
             records.append(m)
     trajectory = []
     if scenario == "fd":
@@ -126,19 +179,19 @@ def fd_trajectory(pipe, stack, arms, cfg, records, evaluator, confusion, real, o
     picked = [i for i, arm in enumerate(arms) if arm.kind == "ddm" and (arm.ratio, arm.alpha) in chosen]
     final = {k: v.clone() for k, v in stack.state_dict().items()}
     rows = []
-    for step in sorted(int(s) for s in stack_snapshots(cfg)):
+    for step in ddm.snapshot_steps(cfg):
+        if not (out / f"ema_step{step}.pt").exists():     # trained by a run that kept no snapshots
+            print(f"trajectory: no snapshot at step {step} in {out} (rerun with --fresh to keep them)")
+            continue
         snap = torch.load(out / f"ema_step{step}.pt", map_location=pipe.device, weights_only=True)
         stack.load_state_dict(snap["ema_model"])
         sub = Stacked([stack.arm(i) for i in picked]).eval()
-        for m in sample_and_score(pipe, sub, [arms[i] for i in picked], cfg, "fd", 0, evaluator, confusion, real, scale):
+        for m in sample_and_score(pipe, sub, [arms[i] for i in picked], cfg, "fd", num_groups=0, evaluator=evaluator,
+                                  confusion=confusion, real=real, scale=scale):
             m.pop("grid")
             rows.append({**m, "step": step})
     stack.load_state_dict(final)
     return rows
-
-
-def stack_snapshots(cfg) -> list:
-    return [cfg.steps * q // 4 for q in (1, 2)]
 
 
 # ----------------------------------------------------------------------------------------- across seeds
@@ -166,6 +219,8 @@ def verdicts(rows: list, metric: str, n_samples: int) -> list:
         mine = [r for r in rows if r["ratio"] == ratio and r["scale"] == scale]
         plain = next(r for r in mine if r["kind"] == "ddm" and r["alpha"] == 0)
         rebalanced = next((r for r in mine if r["kind"] == "rebalanced"), None)
+        if any(r["seeds"] != plain["seeds"] for r in mine):    # the paired differences pair by seed
+            raise ValueError(f"train {ratio}, CFG {scale:g}: arms were evaluated at different seeds")
         for kind in ("ddm", "adversarial"):
             arms = {name(r): {"alpha": r["alpha"], "FID_C": r["FID_C"]["values"], metric: r[metric]["values"],
                               **({metric + "_corrected": r[metric + "_corrected"]["values"]} if metric == "FD" else {})}
@@ -187,8 +242,8 @@ def write_report(results: dict, cfg, pipe, evaluator, confusion, out: Path, *, p
     """metrics.json (every seed's record, the across-seed rows, verdicts, trajectory), report.md,
     tradeoff.png and grids/<arm>.png (first seed) in `out`; prints the report's tables."""
     out.mkdir(parents=True, exist_ok=True)
-    keys = ["p0", "FD", "FD_corrected", "FID_C", "SPD", "confidence", "C_entropy",
-            *[f"C_acc_t{lo}-{hi}" for lo, hi in T_BINS]]
+    keys = ["p0", "FD", "FD_corrected", "FID_C", "SPD", "confidence", "C_entropy"]
+    keys += [k for k in next(iter(results.values()))["records"][0] if k.startswith("C_acc_t")]
     summary = {"dataset": cfg.dataset, "protocol": cfg.protocol, "preset": preset, "device": device_name(pipe.device),
                "config": dict(vars(cfg)), "base_model": str(pipe.run_dir), "classifiers": dict(evaluator.accuracies),
                "wall_seconds": wall_seconds, "reference": evaluate.reference(evaluator, pipe.data_cfg, n=cfg.n_samples),
@@ -262,7 +317,7 @@ def report(summary: dict) -> str:
     ref, names = summary["reference"], summary["reference"]["group_names"]
     cfg = summary["config"]
     n_seeds = len(cfg["seeds"].split(","))
-    bins = [f"{lo}-{hi}" for lo, hi in T_BINS]
+    bins = [k[len("C_acc_t"):] for k in next(iter(summary["scenarios"].values()))["rows"][0] if k.startswith("C_acc_t")]
     lines = [f"# DDM, protocol {summary['protocol']}, on {summary['dataset']} (preset {summary['preset']}, "
              f"{summary['device']})", "",
              f"Every arm at {n_seeds} seed(s) ({cfg['seeds']}); cells are the across-seed mean with its 95% t-interval. "

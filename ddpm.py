@@ -176,16 +176,17 @@ def sample_latents(model, scheduler, n, shape, *, cond=None, guidance_scale=1.0,
     classifier-free guidance: out = out(∅) + s · (out(c) − out(∅)), both passes in one batch.
     Stacked arms (stack.Stacked): generator is a list, one per arm, and every tensor gains a leading
     arm axis: z [A, n, c, h, w], cond [A, n]. Arm a draws its z_T from its own generator exactly as a
-    lone run would (a DDIM step with η > 0 draws its noise from arm 0's)."""
+    lone run would, whatever the batch size (a DDIM step with η > 0 draws its noise from arm 0's)."""
     gens = generator if isinstance(generator, list) else None
     batch_dim = -len(shape) - 1                                          # the sample axis
+    if gens is None:                    # all of z_T first: the samples do not depend on batch_size
+        z_T = torch.randn((n, *shape), generator=generator, device=device)                 # [n, c, h, w]
+    else:
+        z_T = torch.stack([torch.randn((n, *shape), generator=g, device=device) for g in gens])  # [A, n, …]
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        if gens is None:
-            z = torch.randn((b, *shape), generator=generator, device=device)          # [b, c, h, w]
-        else:
-            z = torch.stack([torch.randn((b, *shape), generator=g, device=device) for g in gens])  # [A, b, …]
+        z = z_T[..., start:start + b, :, :, :]
         c = None if cond is None else cond[..., start:start + b].to(device)
         guided = c is not None and guidance_scale != 1.0
         if guided:

@@ -23,13 +23,14 @@ otherwise "DDM does not lower FD". The floor 0.5 / √(n·S) is the largest bino
 a share read from n samples, averaged over S seeds: with few seeds the paired differences can agree
 by chance (SE_d = 0 for two seeds that both moved one sample), and a difference within sampling
 resolution must not count. The same rule reads SPD in place of FD for the SPD scenario (without a
-corrected form: its success rates are read per sample).
+corrected form: its success rates are read per sample), with the floor √2 larger, since SPD is a
+difference of two rates of n samples each.
 """
 import math
 
 import torch
 
-# t_{0.975, df} for df = 1 … 30 (two-sided 95%); beyond 30 the normal 1.96 is within 2%
+# t_{0.975, df} for df = 1 … 30 (two-sided 95%); beyond 30 the normal 1.96 (4% low at df = 31, less after)
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
         2.045, 2.042]
@@ -92,7 +93,8 @@ def ddm_verdict(arms: dict, plain: str, rebalanced, metric="FD", corrected=True,
         if name in baselines or arm["alpha"] <= 0:
             continue
         lower = {f"{key} vs {b}": paired(arm[key], arms[b][key]) for key in keys for b in baselines}
-        floor = 0.5 / math.sqrt(n_samples * len(arm[metric])) if n_samples else 0.0
+        spread = 2 if metric == "SPD" else 1          # SPD is itself a difference of two rates
+        floor = 0.5 * math.sqrt(spread / (n_samples * len(arm[metric]))) if n_samples else 0.0
         below = all(c["diff"] < -SE_MARGIN * max(c["se"], floor) for c in lower.values())   # NaN se (one seed): False
         fid = seed_summary(arm["FID_C"])["mean"]
         checks[name] = {"lower": lower, "below_both": below, "FID_C": fid, "FID_C_limit": fid_limit,

@@ -16,6 +16,8 @@ Why this is exactly A separate fine-tunes:
 * gradient clipping by norm is the one coupling step, so it is done per arm (`clip_per_arm`):
   g_a ← g_a · min(1, c / (‖g_a‖ + 1e-6)), ‖g_a‖ over arm a's tensors only (torch's formula);
 * each arm draws its batches from its own seeded generator (train.train with arm_seeds).
+So the stack ends where A lone float32 runs end (tests/test_stack.py); on a GPU a lone run trains
+under bf16 autocast instead (see Precision).
 Tensors no arm trains (the frozen base under LoRA) are not stacked: every arm reads the one copy in
 the template (vmap's in_dims None), so a frozen convolution runs as one plain convolution over A·B
 images instead of a grouped one, and costs no memory per arm.
@@ -23,8 +25,8 @@ images instead of a grouped one, and costs no memory per arm.
 Random ops inside the network are refused (randomness="error": the UNet's dropout is 0 in every
 preset), so the stacked forward draws no numbers the separate runs would not.
 
-Precision: the stacked forward runs in float32 (TF32 tensor cores on a GPU) with the math attention
-kernel. Under vmap, bf16 autocast does not reach the convolutions (a bf16 activation meets float32
+Precision: the stacked forward runs in float32 (on TF32 tensor cores where the caller allows them, as
+ddm.py and bench_sweep.py do) with the math attention kernel. Under vmap, bf16 autocast does not reach the convolutions (a bf16 activation meets float32
 weights), and the fused attention kernels reject vmap's strides in the backward pass.
 """
 import copy
@@ -48,6 +50,9 @@ class Stacked(nn.Module):
         self.num_arms = len(arms)
         self.names = [n for n, p in arms[0].named_parameters() if p.requires_grad]
         named = [dict(m.named_parameters()) for m in arms]
+        if any([n for n, p in m.items() if p.requires_grad] != self.names for m in named) or any(
+                m.keys() != named[0].keys() for m in named) or any(list(m.buffers()) for m in arms):
+            raise ValueError("Stacked needs arms of one structure, the same tensors trained, and no buffers")
         for name, p in named[0].items():
             if not p.requires_grad and any(not torch.equal(p, other[name]) for other in named[1:]):
                 raise ValueError(f"frozen tensor {name} differs between arms; only trained tensors may differ")
@@ -79,6 +84,8 @@ def clip_per_arm(params, max_norm: float):
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
+    if len({g.shape[0] for g in grads}) != 1:
+        raise ValueError("clip_per_arm: every gradient needs the same leading arm axis")
     norms = torch.stack([g.flatten(1).float().square().sum(1) for g in grads]).sum(0).sqrt()   # [A]
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)                                         # [A]
     for g in grads:

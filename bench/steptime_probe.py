@@ -1,4 +1,4 @@
-"""Probe behind README's "launch-bound" claim: ms per training step vs batch size and torch.compile.
+"""Probe behind bench/README.md's "launch-bound" claim: ms per training step vs batch size and torch.compile.
 
 Run on a GPU from the repo root: `PYTHONPATH=. python3 bench/steptime_probe.py`. The committed output
 (bench/steptime_probe_h100.txt, one H100) was measured with an earlier copy of this loop that inlined

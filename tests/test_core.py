@@ -638,9 +638,12 @@ def test_a_failed_capture_says_how_to_train_eagerly(monkeypatch):
 
 
 def test_cuda_graph_is_the_command_line_default_on_one_gpu_only(monkeypatch):
-    """parse_config turns --cuda-graph on for one CUDA process (no GPU is needed to parse "--device
-    cuda"), and leaves it off on CPU, under torchrun, with --compile true, or when given."""
+    """parse_config turns --cuda-graph on for one CUDA process, and leaves it off on CPU, under torchrun,
+    with --compile true, or when given. (A machine with two GPUs is faked: --device cuda is refused
+    without one.)"""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     def graph(*argv):
         return train_lib.parse_config(ddpm.DiffusionConfig, {}, list(argv))[0].cuda_graph
     assert graph("--device", "cuda") and graph("--device", "cuda:1")

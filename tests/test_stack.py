@@ -107,3 +107,36 @@ def test_frozen_tensors_are_shared_and_must_agree():
     arms[1].conv_in.load_state_dict(arms[0].conv_in.state_dict())
     stack = Stacked(arms)
     assert "conv_in.weight" not in stack.names and stack.stacked[0].shape[0] == 2
+
+
+def test_stacked_sampling_with_cfg_is_each_arms_lone_sampling_at_any_batch_size():
+    """Arm a of a stacked DDIM run with CFG draws what the lone arm draws from the same seed, and
+    neither depends on the batch size the samples are drawn in."""
+    from ddpm import DDIMScheduler, sample_latents
+    arms = [tiny_unet(a) for a in range(2)]
+    for m in arms:
+        torch.nn.init.normal_(m.out[-1].weight, std=0.1)
+    stack = Stacked(arms).eval()
+    ddim = DDIMScheduler(num_train_timesteps=100)
+    ddim.set_timesteps(4)
+    cond = torch.tensor([[0, 1, 0, 1, 1], [1, 1, 0, 0, 1]])
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (11, 12)]
+    stacked = {b: sample_latents(stack, ddim, 5, (4, 8, 8), cond=cond, guidance_scale=3.0, generator=gens(),
+                                 batch_size=b, null_class=2) for b in (2, 5)}
+    assert torch.allclose(stacked[2], stacked[5], atol=1e-5)
+    for a, seed in enumerate((11, 12)):
+        lone = sample_latents(arms[a].eval(), ddim, 5, (4, 8, 8), cond=cond[a], guidance_scale=3.0,
+                              generator=torch.Generator().manual_seed(seed), batch_size=3, null_class=2)
+        assert torch.allclose(stacked[5][a], lone, atol=1e-4)
+
+
+def test_a_non_finite_loss_before_a_snapshot_writes_nothing(tmp_path):
+    """A snapshot step saves like a checkpoint step, so it checks the loss first: a NaN at step 1 with
+    a snapshot at step 2 stops the run and leaves no checkpoint or snapshot behind."""
+    def loss_fn(net, step, gens):
+        loss = stacked_loss(torch.ones(2))(net, step, gens)
+        return loss * float("nan") if step == 1 else loss
+    cfg = TrainConfig(steps=4, batch_size=8, lr=1e-3, warmup=1, ckpt_every=4, log_every=50, snapshots="2")
+    with pytest.raises(FloatingPointError):
+        train_lib.train(Stacked([tiny_unet(0), tiny_unet(1)]), loss_fn, cfg, tmp_path / "run", arm_seeds=[0, 1])
+    assert not (tmp_path / "run" / "ckpt.pt").exists() and not (tmp_path / "run" / "ema_step2.pt").exists()

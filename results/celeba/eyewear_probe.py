@@ -1,6 +1,6 @@
 """Do DDM's CelebA FD samples gain eyewear, and does the gender classifier call eyewear "male"?
 
-The README reads the one CelebA arm where DDM's FD falls (train M:F 1:4, α = 0.5: p̂(male) 0.263 →
+results/REPORT.md reads the one CelebA arm where DDM's FD falls (train M:F 1:4, α = 0.5: p̂(male) 0.263 →
 0.434) as the evaluation classifier being fooled by dark, sunglass-like occlusions, since eyewear is a
 male cue in CelebA (12.7% of men wear `Eyeglasses`, 2.4% of women). This script measures that on the
 64 samples per arm that the GPU run saved as grids (`ddm-m*-fd/grids/alpha=*.jpg`, 8×8 tiles of
