@@ -323,7 +323,10 @@ def plot_loss(out: Path):
 
 
 def base_config(data_cfg: data.DataConfig, preset: str, **overrides) -> DiffusionConfig:
-    fields = {**asdict(data_cfg), **PRESETS[preset]}
+    """The base model's config: the preset, except for data fields data_cfg sets away from their
+    defaults (e.g. --n-train 500 beats the tiny preset's 2000), then the overrides."""
+    chosen = {k for k, v in asdict(data_cfg).items() if v != getattr(data.DataConfig(), k)}
+    fields = {**asdict(data_cfg), **{k: v for k, v in PRESETS[preset].items() if k not in chosen}}
     if data_cfg.dataset == "celeba":
         fields.update(CELEBA_OVERRIDES.get(preset, {}))
     fields.update(overrides, preset=preset)

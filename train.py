@@ -486,7 +486,6 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
     stage_cfg = stage_cfg or cfg
     rank, world = distributed()
     out = Path(out)
-    check_writable(out)
     params = [p for p in (params or model.parameters()) if p.requires_grad]
     cuda = str(device).startswith("cuda")
     graph = cfg.cuda_graph and cuda
@@ -517,6 +516,8 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
             truncate_log(out / "log.jsonl", step)
         if step < cfg.steps and rank == 0:
             print(f"resuming {out} from step {step}")
+    if step < cfg.steps:            # a finished run writes nothing, so it may sit in a read-only folder
+        check_writable(out)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if cuda else None)
@@ -550,7 +551,7 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, stage
                 torch.cuda.empty_cache()
         model.load_state_dict(raw)
 
-    log = open(out / "log.jsonl", "a") if rank == 0 else None
+    log = open(out / "log.jsonl", "a") if rank == 0 and step < cfg.steps else None
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=rank != 0, dynamic_ncols=True)
     finite = torch.ones((), dtype=torch.bool, device=device)
     loss_sum = torch.zeros(() if arm_seeds is None else len(arm_seeds), device=device)   # [] or [A]

@@ -572,6 +572,9 @@ for path in sorted(Path("results").glob("**/metrics.json")):
             print(f"   {scenario.upper()} train {v['ratio'] or 'data'} CFG {v['scale']:g} {v['kind']}: "
                   f"{'lowers' if v['lowers'] else 'does not lower'}")
 '''),
+    md(r"""
+The earlier single-seed reports (protocol `biased-base`, one H100), each shown from its own `metrics.json`:
+"""),
     committed_results("ddm"),
 ]
 

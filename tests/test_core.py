@@ -881,3 +881,9 @@ def test_cli_bad_input_gives_one_line_and_changes_nothing(case, mnist_root, tmp_
     after = snapshot(runs)
     assert all(after.get(p) == content for p, content in before.items())   # nothing overwritten
     assert not [p for p in after if p.name == "ckpt.pt" and p not in before]   # nothing trained
+
+
+def test_a_data_flag_beats_the_preset_of_the_base_model():
+    """--n-train 500 reaches the base model even though the tiny preset trains on 2000 images."""
+    assert ddpm.base_config(DataConfig(n_train=500), "tiny").n_train == 500
+    assert ddpm.base_config(DataConfig(), "tiny").n_train == 2000

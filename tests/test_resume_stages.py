@@ -1,0 +1,110 @@
+"""DDM's stacked fine-tune and InvDiff's guidance module, killed at a (seeded) random step and rerun,
+end with the weights of the run that was never interrupted (bit for bit, on the CPU)."""
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import ddm  # noqa: E402
+import ddpm  # noqa: E402
+import invdiff  # noqa: E402
+import vae as vae_lib  # noqa: E402
+from data import DataConfig  # noqa: E402
+from unet import UNet  # noqa: E402
+
+STEPS, CKPT_EVERY = 6, 2
+
+
+def kill_step(name: str) -> int:
+    """A step after the first checkpoint, drawn from a generator seeded by the test's name."""
+    return random.Random(name).randint(CKPT_EVERY + 1, STEPS - 1)
+
+
+def killing(fn, at: int):
+    """fn, but the call that computes step `at` (counting from 0) raises KeyboardInterrupt."""
+    calls = iter(range(10 ** 6))
+
+    def wrapped(*args, **kwargs):
+        if next(calls) == at:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def counting(fn, calls: list):
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def tiny_pipe(monkeypatch):
+    """An untrained tiny pipeline whose every dataset is 64 random latents, group 0 for a quarter."""
+    cfg = ddpm.base_config(DataConfig(), "tiny")
+    torch.manual_seed(0)
+    autoencoder = vae_lib.build(vae_lib.vae_config(DataConfig(), "tiny"))
+    pipe = ddpm.Pipeline(cfg, autoencoder, ddpm.build_unet(cfg, 10), "tiny", "cpu")
+    pipe.run_dir, pipe.cfg.vae = Path("unused/base"), "vae"
+    group = (torch.arange(64) % 4 == 0).long()
+    latents = {"z0": torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(1)), "group": group,
+               "label": group, "num_classes": 2}
+    monkeypatch.setattr(vae_lib, "encode_dataset", lambda *args, **kwargs: latents)
+    return pipe
+
+
+def test_ddm_stacked_finetune_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    pipe = tiny_pipe(monkeypatch)
+    cfg = ddm.DDMConfig(**{**ddm.PRESETS["prior"]["tiny"], "train_ratios": "1:4", "steps": STEPS,
+                           "ckpt_every": CKPT_EVERY, "ema_decay": 0.9, "snapshots": "3"})
+    arms = ddm.sweep_arms(cfg, "fd")                              # α 0 and 0.5, rebalanced, adversarial, 2 seeds
+    straight = ddm.finetune(pipe, cfg, "fd", arms, 2, tmp_path / "straight")
+    at = kill_step("ddm")
+    with monkeypatch.context() as m:
+        m.setattr(ddm, "ddm_loss", killing(ddm.ddm_loss, at))
+        with pytest.raises(KeyboardInterrupt):
+            ddm.finetune(pipe, cfg, "fd", arms, 2, tmp_path / "resumed")
+    saved = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"]
+    calls = []
+    with monkeypatch.context() as m:
+        m.setattr(ddm, "ddm_loss", counting(ddm.ddm_loss, calls))
+        resumed = ddm.finetune(pipe, cfg, "fd", arms, 2, tmp_path / "resumed")
+    assert 0 < saved <= at and len(calls) == STEPS - saved         # resumed from the checkpoint, not restarted
+    for a, b in zip(straight.stacked, resumed.stacked):
+        assert torch.equal(a, b)
+    for name in ("ckpt.pt", "ema_step3.pt"):
+        a, b = (torch.load(p / name, weights_only=True)["ema_model"] for p in (tmp_path / "straight", tmp_path / "resumed"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_invdiff_module_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    base_cfg = ddpm.base_config(DataConfig(), "tiny")
+    torch.manual_seed(0)
+    base = UNet(4, (16, 32), 1, 10, 8)
+    scheduler = ddpm.build_scheduler(base_cfg, "ddpm")
+    g = torch.Generator().manual_seed(2)
+    z0, label = torch.randn(64, 4, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    W = torch.rand(64, 2, generator=g)
+    W = W / W.sum(1, keepdim=True)
+    cfg = invdiff.ArmConfig(**{**invdiff.PRESETS["tiny"], "steps": STEPS, "ckpt_every": CKPT_EVERY, "arm": "invdiff"})
+
+    def run(out):
+        torch.manual_seed(3)
+        module = invdiff.build_module(base_cfg, 10)
+        invdiff.train_module(base, module, scheduler, z0, label, W, cfg, out)
+        return module
+    straight = run(tmp_path / "straight")
+    with monkeypatch.context() as m:
+        m.setattr(invdiff, "invariance_loss", killing(invdiff.invariance_loss, kill_step("invdiff")))
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "resumed")
+    saved = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"]
+    calls = []
+    with monkeypatch.context() as m:
+        m.setattr(invdiff, "invariance_loss", counting(invdiff.invariance_loss, calls))
+        resumed = run(tmp_path / "resumed")
+    assert 0 < saved and len(calls) == STEPS - saved                # resumed from the checkpoint, not restarted
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
