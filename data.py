@@ -26,8 +26,8 @@ so an evaluation never inherits the training bias.
 MNIST is read from torchvision's raw layout by `datafiles`, which checks all four files before it
 unpacks or reads any. CelebA is read with a few lines of our own (the attribute and partition rows,
 torchvision.io for the JPEGs) because `torchvision.datasets.CelebA` checks MD5s of annotation files
-that a subset cannot match. Decoded CelebA images are cached once as a uint8 tensor in CACHE_DIR
-($FAIRDIFF_CACHE, default runs/cache). A faulty file raises one line that names it.
+that a subset cannot match. Decoded CelebA images are cached once as a uint8 tensor in cache_dir()
+($FAIRDIFF_CACHE, default <--runs>/cache). A faulty file raises one line that names it.
 """
 import argparse
 import importlib.util
@@ -51,7 +51,7 @@ MNIST_FILES = datafiles.MNIST_FILES
 CELEBA_FILES = ["img_align_celeba/", "list_attr_celeba.txt", "list_eval_partition.txt"]
 CELEBA_CROP, CELEBA_SIZE = 140, 64          # the usual CelebA-64 preprocessing (crop, then resize)
 MNIST_PAD = 2                               # 28 + 2·2 = 32 pixels
-CACHE_DIR = Path(os.environ.get("FAIRDIFF_CACHE", "runs/cache"))  # decoded-image caches
+CACHE_DIR = None           # decoded-image caches: None = $FAIRDIFF_CACHE, else <run root>/cache (cache_dir)
 
 
 @dataclass
@@ -239,10 +239,16 @@ def decode_face(path: Path) -> torch.Tensor:
     return img
 
 
+def cache_dir() -> Path:
+    """Where decoded images are cached: CACHE_DIR if set, else $FAIRDIFF_CACHE, else <run root>/cache,
+    the run root being $FAIRDIFF_RUNS (the command lines set it from --runs) or ./runs."""
+    return Path(CACHE_DIR or os.environ.get("FAIRDIFF_CACHE") or Path(os.environ.get("FAIRDIFF_RUNS", "runs")) / "cache")
+
+
 def celeba_images(root: Path, ids) -> torch.Tensor:
-    """Decode every id once; cached in CACHE_DIR as uint8 [N, 3, 64, 64]."""
+    """Decode every id once; cached in cache_dir() as uint8 [N, 3, 64, 64]."""
     folder = root / "celeba" / "img_align_celeba"
-    cache = CACHE_DIR / f"celeba_{CELEBA_SIZE}px_{len(ids)}_{ids[0]}_{ids[-1]}.pt"
+    cache = cache_dir() / f"celeba_{CELEBA_SIZE}px_{len(ids)}_{ids[0]}_{ids[-1]}.pt"
     shape = (len(ids), 3, CELEBA_SIZE, CELEBA_SIZE)
     out = datafiles.load_cache(cache, lambda x: torch.is_tensor(x) and x.shape == shape and x.dtype == torch.uint8)
     if out is not None:
@@ -288,7 +294,10 @@ def _celeba(cfg, split, gen):
     wanted = {"train": 0, "val": 1, "test": 2}[split]
     pool = (partition == wanted).nonzero().squeeze(1)
     if cfg.cell_ratio:
-        ratios = [float(r) for r in cfg.cell_ratio.split(",")]
+        try:
+            ratios = [float(r) for r in cfg.cell_ratio.split(",")]
+        except ValueError:
+            ratios = []
         if len(ratios) != 4 or min(ratios) < 0:
             raise ValueError(f"--cell-ratio {cfg.cell_ratio!r} needs four shares >= 0 for "
                              "(cond,male):(cond,female):(not cond,male):(not cond,female)")

@@ -90,6 +90,7 @@ def parse_config(cls, presets: dict, argv=None, description=""):
         kind = {bool: _bool, int: int, float: float}.get(type(f.default), str)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"default {f.default!r}")
     args = p.parse_args(argv)
+    os.environ["FAIRDIFF_RUNS"] = args.runs           # the run root, where data.py caches decoded images
     args.device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.preset is None:
         args.preset = "small" if args.device.startswith("cuda") else "tiny"

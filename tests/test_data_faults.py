@@ -366,3 +366,15 @@ def test_conftest_stops_ci_without_the_data_and_counts_real_data_tests(tmp_path)
             "notebook tests: 1 ran, 1 skipped") in out
     rc, out = run_pytest_with_conftest(tmp_path / "ci", FAIRDIFF_DATA=str(root), CI="true")
     assert rc == pytest.ExitCode.TESTS_FAILED and "CI=true: failing the run, 1 real-data tests skipped" in out, out
+
+
+def test_the_decode_cache_follows_the_run_root(tmp_path, monkeypatch):
+    """Without CACHE_DIR or $FAIRDIFF_CACHE, CelebA's decoded images go under --runs, not ./runs."""
+    import train
+    monkeypatch.setattr(data, "CACHE_DIR", None)
+    monkeypatch.delenv("FAIRDIFF_CACHE", raising=False)
+    monkeypatch.setenv("FAIRDIFF_RUNS", "runs")
+    train.parse_config(DataConfig, {}, ["--runs", str(tmp_path / "elsewhere"), "--device", "cpu"])
+    assert data.cache_dir() == tmp_path / "elsewhere" / "cache"
+    celeba(celeba_root(tmp_path / "data"))
+    assert list((tmp_path / "elsewhere" / "cache").glob("celeba_*.pt"))
