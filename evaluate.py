@@ -41,7 +41,6 @@ compare the two.
 """
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import replace
@@ -54,6 +53,7 @@ from matplotlib.figure import Figure
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
+import datafiles
 from data import COLORS, DataConfig, biased_indices, load
 from train import ConfigError, _bool, _Parser, check_device, check_writable
 
@@ -128,17 +128,14 @@ def cached_classifier(path: Path, in_channels, num_classes, train, test, *, epoc
     with torch.random.fork_rng(devices=[]):     # seeded initial weights; the caller's RNG is untouched
         torch.manual_seed(seed)
         net = ConvNet(in_channels, num_classes)
-    if path.exists():
-        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+    ckpt = datafiles.load_cache(path, lambda c: isinstance(c, dict) and {"state_dict", "accuracy"} <= c.keys())
+    if ckpt is not None:                        # absent, or unreadable (then retrained)
         net.load_state_dict(ckpt["state_dict"])
         return net.to(device).eval(), ckpt["accuracy"]
     images, targets = train()
     train_classifier(net, images, targets, epochs=epochs, device=device, seed=seed, flip=flip, desc=path.stem)
     accuracy = (predict(net, test[0], device)[0].argmax(1) == test[1]).double().mean().item()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")          # one per process: parallel runs
-    torch.save({"state_dict": net.state_dict(), "accuracy": accuracy}, tmp)
-    os.replace(tmp, path)
+    datafiles.save_cache({"state_dict": net.state_dict(), "accuracy": accuracy}, path)   # per-process temp name
     return net, accuracy
 
 
