@@ -21,7 +21,9 @@ trained elsewhere, on a small attribute-imbalanced set with one fixed prompt. He
   on a small subset (`n_finetune` images) at a train ratio group 0 : group 1 of 1:4, 4:1 or 1:1;
 * a new "prompt" row of the class table (initialised from ∅, no label dropout) is the fixed prompt:
   every fine-tuning sample is conditioned on it (SPD: one new row per group), and it trains with the
-  rest, standing in for the prompt's embedding (so that CFG against ∅ means something);
+  rest, standing in for the prompt's embedding (so that CFG against ∅ means something). The class
+  table is one tensor, so AdamW's weight decay also shrinks ∅ and the base rows, by lr·wd = 1e-7 of
+  their size per step at the authors' settings;
 * LoRA r = 8 with scale lora_alpha / r = 32 / 8 on the q and v projections of every attention layer,
   AdamW lr 1e-5, weight decay 1e-2, gradients clipped by value at 1, no EMA (the authors' settings);
 * samples are drawn with the prompt row under classifier-free guidance against ∅ at each of
