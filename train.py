@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from datafiles import write_atomic
 from stack import clip_per_arm
 
 PRESETS = ("tiny", "small", "full")
@@ -202,11 +203,9 @@ def main_guard(fn):
 
 # ------------------------------------------------------------------------------------- checkpoints
 def checkpoint(path: Path, state: dict):
-    """Atomic: write to a temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")    # one per process: ranks may write the same file
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic: torch.save to a per-process temp file in the same folder (ranks may write the same file),
+    then os.replace; temp files left by killed writers are removed (datafiles.write_atomic)."""
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path, cfg=None, map_location="cpu") -> dict:
