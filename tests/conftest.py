@@ -31,7 +31,7 @@ def _watch_opens(event, args):
             _read_data.add(_running["test"])
 
 
-def pytest_sessionstart(session):
+def pytest_sessionstart():
     if IN_CI and not os.path.isdir(REAL_ROOT):
         pytest.exit(f"CI=true but FAIRDIFF_DATA ({REAL_ROOT or 'unset'}) is not a folder: point it at the "
                     f"data root (MNIST/raw, celeba/) so the real-data tests run instead of skipping",
@@ -47,16 +47,19 @@ def pytest_runtest_protocol(item, nextitem):
     _running["test"] = None
 
 
-def pytest_runtest_logreport(report):
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test skipped for want of the real data is noted; under CI=true it fails instead."""
+    report = (yield).get_result()
     if report.skipped and "FAIRDIFF_DATA" in str(report.longrepr):
         _data_skips.add(report.nodeid)
+        if IN_CI:
+            report.outcome, report.longrepr = "failed", f"CI=true: skipped for want of the real data ({REAL_ROOT})"
+
+
+def pytest_runtest_logreport(report):
     if report.nodeid.split("::")[0].endswith("test_notebooks.py") and (report.when == "call" or report.skipped):
         _notebooks["skipped" if report.skipped else "ran"] += 1
-
-
-def pytest_sessionfinish(session):
-    if IN_CI and _data_skips:
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter):
