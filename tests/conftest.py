@@ -31,7 +31,7 @@ def _watch_opens(event, args):
             _read_data.add(_running["test"])
 
 
-def pytest_sessionstart():
+def pytest_configure(config):
     if IN_CI and not os.path.isdir(REAL_ROOT):
         pytest.exit(f"CI=true but FAIRDIFF_DATA ({REAL_ROOT or 'unset'}) is not a folder: point it at the "
                     f"data root (MNIST/raw, celeba/) so the real-data tests run instead of skipping",
