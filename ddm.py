@@ -174,6 +174,15 @@ def new_rows(protocol: str, scenario: str, num_groups: int) -> int:
     return num_groups if scenario == "spd" else (1 if protocol == "prior" else 0)
 
 
+def class_row(protocol: str, scenario: str, null: int, y: torch.Tensor) -> torch.Tensor:
+    """The class row an arm conditions on for samples of group y (int64 tensor), in training,
+    sampling and diagnostics alike: its group's row (SPD), the prompt row (prior FD), or ∅ itself
+    (biased-base FD). The rows new_rows appends follow ∅ = null."""
+    if scenario == "spd":
+        return null + 1 + y
+    return torch.full_like(y, null + 1 if protocol == "prior" else null)
+
+
 def arm_model(pipe, cfg: DDMConfig, scenario: str, num_groups: int, seed: int) -> DDMModel:
     """A copy of the base model with its new class rows (each initialised to ∅'s), LoRA if asked, and a
     fresh indicator, all seeded by `seed`. Row K_base is still ∅; the new rows follow it."""
@@ -301,16 +310,14 @@ def finetune(pipe, cfg: DDMConfig, scenario: str, arms: list, num_groups: int, o
     device = pipe.device
     alpha = torch.tensor([arm.alpha for arm in arms], device=device)                      # [A]
     sign = torch.tensor([-1.0 if arm.kind == "adversarial" else 1.0 for arm in arms], device=device)
-    p_uncond = pipe.cfg.p_uncond if cfg.protocol == "biased-base" else 0.0
-    prompt = null + 1
+    p_uncond = pipe.cfg.p_uncond if cfg.protocol == "biased-base" and scenario == "spd" else 0.0
 
     def draw(pool, gen):                                  # one arm's batch, as a lone run would draw it
         idx = pool[torch.randint(len(pool), (cfg.batch_size,), generator=gen, device=device)]
         y = group[idx]                                    # used by the loss only
-        if scenario == "spd":
-            cond = ddpm.drop_labels(prompt + y, null, p_uncond, gen) if p_uncond else prompt + y
-        else:
-            cond = torch.full_like(y, prompt if cfg.protocol == "prior" else null)
+        cond = class_row(cfg.protocol, scenario, null, y)
+        if p_uncond:                                      # biased-base SPD: label dropout to ∅
+            cond = ddpm.drop_labels(cond, null, p_uncond, gen)
         z_t, t, noise = ddpm.noisy_batch(scheduler, z0[idx], gen)
         return z_t, t, cond, scheduler.target(z0[idx], noise, t), y
 
@@ -347,7 +354,7 @@ def run_sweep(cfg: DDMConfig, preset: str, runs: str, device: str, fresh=False, 
         arms = sweep_arms(cfg, scenario)
         arm_cfg = replace(cfg, scenarios=scenario, report="", train_only=False,   # what the arms learn from
                           n_samples=DDMConfig.n_samples, guidance_scales=DDMConfig.guidance_scales,
-                          sample_steps=DDMConfig.sample_steps, snapshots=",".join(map(str, snapshot_steps(cfg))))
+                          sample_steps=DDMConfig.sample_steps, snapshots=",".join(map(str, trajectory_steps(cfg))))
         out = Path(runs) / cfg.dataset / f"ddm-{cfg.protocol}-{scenario}-{config_hash(arm_cfg)}-{pipe.run_dir.name}"
         if fresh:
             for old in [out / "ckpt.pt", out / "log.jsonl", *out.glob("ema_step*.pt")]:
@@ -364,7 +371,7 @@ def run_sweep(cfg: DDMConfig, preset: str, runs: str, device: str, fresh=False, 
                                    wall_seconds=time.perf_counter() - t_start)
 
 
-def snapshot_steps(cfg: DDMConfig) -> list:
+def trajectory_steps(cfg: DDMConfig) -> list:
     """The steps whose EMA weights are kept for the trajectory: 25% and 50% of the fine-tune."""
     return sorted({s for s in (cfg.steps // 4, cfg.steps // 2) if 0 < s < cfg.steps})
 

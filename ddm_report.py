@@ -39,11 +39,10 @@ SAMPLE_SEED = 10 ** 6      # arm noise: SAMPLE_SEED·(1 + group) + seed, apart f
 
 
 def conditions(pipe, cfg, scenario: str, num_groups: int) -> dict:
-    """The class row each arm is sampled with: {group (FD: 0): row}."""
-    null = pipe.unet.num_classes
-    if scenario == "spd":
-        return {g: null + 1 + g for g in range(num_groups)}
-    return {0: null + 1 if cfg.protocol == "prior" else null}
+    """The class row each arm is sampled with: {group (FD: one entry, 0): row} (ddm.class_row)."""
+    groups = torch.arange(num_groups if scenario == "spd" else 1)
+    rows = ddm.class_row(cfg.protocol, scenario, pipe.unet.num_classes, groups)
+    return dict(zip(groups.tolist(), rows.tolist()))
 
 
 def sample_arms(pipe, stack: Stacked, arms: list, cfg, class_row: int, scale: float, group: int):
@@ -136,9 +135,8 @@ def t_bins(T: int) -> list:
 
 def indicator_accuracy(pipe, stack, arms, cfg, scenario, test) -> torch.Tensor:
     """C's accuracy on real held-out latents per t-bin, each arm with its training condition: [A, bins]."""
-    null = pipe.unet.num_classes
     z0, y = test["z0"][:N_DIAGNOSTIC], test["group"][:N_DIAGNOSTIC]
-    cond = null + 1 + y if scenario == "spd" else torch.full_like(y, null + 1 if cfg.protocol == "prior" else null)
+    cond = ddm.class_row(cfg.protocol, scenario, pipe.unet.num_classes, y)
     A, gen, out = len(arms), torch.Generator().manual_seed(2), []
     for lo, hi in t_bins(stack.template.scheduler.num_train_timesteps):
         t = torch.randint(lo, hi, (len(z0),), generator=gen).to(z0.device)
@@ -179,7 +177,7 @@ def fd_trajectory(pipe, stack, arms, cfg, records, evaluator, confusion, real, o
     picked = [i for i, arm in enumerate(arms) if arm.kind == "ddm" and (arm.ratio, arm.alpha) in chosen]
     final = {k: v.clone() for k, v in stack.state_dict().items()}
     rows = []
-    for step in ddm.snapshot_steps(cfg):
+    for step in ddm.trajectory_steps(cfg):
         if not (out / f"ema_step{step}.pt").exists():     # trained by a run that kept no snapshots
             print(f"trajectory: no snapshot at step {step} in {out} (rerun with --fresh to keep them)")
             continue

@@ -284,16 +284,15 @@ class Pipeline:
         unet.eval()
 
     def sample_latents(self, n, cond=None, seed=0, steps=None, sampler="ddim", eta=0.0,
-                       guidance_scale=1.0, model=None, batch_size=1000, null_class=None):
+                       guidance_scale=1.0, model=None, batch_size=1000):
         """seed: an int, or one per arm (a list) for a stacked model (see sample_latents)."""
         scheduler = build_scheduler(self.cfg, sampler, eta)
         scheduler.set_timesteps(steps or (self.cfg.sample_steps if sampler == "ddim" else self.cfg.num_train_timesteps))
         gens = [torch.Generator(self.device).manual_seed(s) for s in (seed if isinstance(seed, list) else [seed])]
         model = model if model is not None else self.unet
-        null_class = null_class if null_class is not None else getattr(model, "num_classes", self.unet.num_classes)
         return sample_latents(model, scheduler, n, self.latent_shape, cond=cond, guidance_scale=guidance_scale,
                               generator=gens if isinstance(seed, list) else gens[0], device=self.device,
-                              batch_size=batch_size, null_class=null_class)
+                              batch_size=batch_size, null_class=getattr(model, "num_classes", self.unet.num_classes))
 
     @torch.inference_mode()
     def decode(self, z0, batch_size=1000):

@@ -522,7 +522,7 @@ def main(argv=None):
                              f"runs/{run.parent.name}/base-<hash>")
         if a.n < 2:
             raise ValueError(f"--n {a.n} must be at least 2 (FID-C needs a covariance)")
-        device = check_device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = check_device(a.device)
         check_report_folder(run / "eval")
         from ddpm import load_pipeline          # here, so that evaluate.py imports without ddpm.py
         pipe = load_pipeline(run, device)

@@ -92,7 +92,7 @@ def parse_config(cls, presets: dict, argv=None, description=""):
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None, help=f"default {f.default!r}")
     args = p.parse_args(argv)
     os.environ["FAIRDIFF_RUNS"] = args.runs           # the run root, where data.py caches decoded images
-    args.device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = check_device(args.device)
     if args.preset is None:
         args.preset = "small" if args.device.startswith("cuda") else "tiny"
     values = dict(presets.get(args.preset, {}))
@@ -116,8 +116,9 @@ def graph_by_default(cls, device: str, values: dict) -> bool:
             and "cuda_graph" not in values and not values.get("compile", False))
 
 
-def check_device(device: str) -> str:
-    """`--device` names cpu or a CUDA GPU this machine has."""
+def check_device(device) -> str:
+    """`--device` names cpu or a CUDA GPU this machine has; None: cuda when there is one, else cpu."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         where = torch.device(device)
     except RuntimeError:
@@ -239,9 +240,7 @@ def truncate_log(path: Path, step: int):
     rows = [line for line in path.read_text().splitlines() if line.strip()]
     kept = [line for line in rows if logged_step(line) <= step]
     if len(kept) < len(rows):
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
 def logged_step(line: str) -> float:
