@@ -83,9 +83,9 @@ def test_fd_sampling_takes_no_group_argument_and_is_seeded():
     assert torch.equal(draw(2), draw(2)) and not torch.equal(draw(2), draw(3))
 
 
-def test_runtime_flags_reach_the_base_model(monkeypatch):
-    """--cuda-graph / --compile change how every stage runs: ddm.py passes them to the base model's
-    config (and ensure_base to the autoencoder's; test_invdiff's end-to-end run checks both)."""
+def base_config_of(monkeypatch, *flags):
+    """The config `python ddm.py --dataset cmnist --preset tiny --device cpu <flags>` gives its base
+    model (ensure_base is stopped there, so nothing trains)."""
     class Reached(Exception):
         pass
 
@@ -93,8 +93,14 @@ def test_runtime_flags_reach_the_base_model(monkeypatch):
         raise Reached(cfg)
     monkeypatch.setattr(ddpm, "ensure_base", ensure_base)
     with pytest.raises(Reached) as got:
-        ddm.main(["--dataset", "cmnist", "--preset", "tiny", "--device", "cpu", "--cuda-graph", "true"])
-    base_cfg = got.value.args[0]
+        ddm.main(["--dataset", "cmnist", "--preset", "tiny", "--device", "cpu", *flags])
+    return got.value.args[0]
+
+
+def test_runtime_flags_reach_the_base_model(monkeypatch):
+    """--cuda-graph / --compile change how every stage runs: ddm.py passes them to the base model's
+    config (and ensure_base to the autoencoder's; test_invdiff's end-to-end run checks both)."""
+    base_cfg = base_config_of(monkeypatch, "--cuda-graph", "true")
     assert isinstance(base_cfg, ddpm.DiffusionConfig) and base_cfg.cuda_graph and not base_cfg.compile
 
 
@@ -197,16 +203,8 @@ def test_confusion_correction_undoes_a_known_reader():
 
 def test_the_prior_is_trained_on_balanced_data_and_biased_base_on_the_biased_data(monkeypatch):
     """Protocol prior trains its base at 1:1 whatever --bias says; biased-base on the --bias data."""
-    class Reached(Exception):
-        pass
-
-    def ensure_base(cfg, *args, **kwargs):
-        raise Reached(cfg)
-    monkeypatch.setattr(ddpm, "ensure_base", ensure_base)
     for protocol, bias in (("prior", 0.5), ("biased-base", 0.8)):
-        with pytest.raises(Reached) as got:
-            ddm.main(["--dataset", "cmnist", "--preset", "tiny", "--device", "cpu", "--protocol", protocol, "--bias", "0.8"])
-        assert got.value.args[0].bias == bias
+        assert base_config_of(monkeypatch, "--protocol", protocol, "--bias", "0.8").bias == bias
 
 
 def tiny_pipe():
