@@ -111,21 +111,24 @@ def test_frozen_tensors_are_shared_and_must_agree():
 
 def test_stacked_sampling_with_cfg_is_each_arms_lone_sampling_at_any_batch_size():
     """Arm a of a stacked DDIM run with CFG draws what the lone arm draws from the same seed, and
-    neither depends on the batch size the samples are drawn in."""
+    neither depends on the batch size the samples are drawn in. Latents of 1×2×2: a CPU generator
+    gives the same numbers in chunks as at once only for chunks of a multiple of 16 elements."""
     from ddpm import DDIMScheduler, sample_latents
-    arms = [tiny_unet(a) for a in range(2)]
-    for m in arms:
-        torch.nn.init.normal_(m.out[-1].weight, std=0.1)
+    arms = []
+    for a in range(2):
+        torch.manual_seed(a)
+        arms.append(UNet(1, (8, 16), num_res_blocks=1, num_classes=2, groups=4))
+        torch.nn.init.normal_(arms[-1].out[-1].weight, std=0.1)
     stack = Stacked(arms).eval()
     ddim = DDIMScheduler(num_train_timesteps=100)
     ddim.set_timesteps(4)
     cond = torch.tensor([[0, 1, 0, 1, 1], [1, 1, 0, 0, 1]])
     gens = lambda: [torch.Generator().manual_seed(s) for s in (11, 12)]
-    stacked = {b: sample_latents(stack, ddim, 5, (4, 8, 8), cond=cond, guidance_scale=3.0, generator=gens(),
+    stacked = {b: sample_latents(stack, ddim, 5, (1, 2, 2), cond=cond, guidance_scale=3.0, generator=gens(),
                                  batch_size=b, null_class=2) for b in (2, 5)}
     assert torch.allclose(stacked[2], stacked[5], atol=1e-5)
     for a, seed in enumerate((11, 12)):
-        lone = sample_latents(arms[a].eval(), ddim, 5, (4, 8, 8), cond=cond[a], guidance_scale=3.0,
+        lone = sample_latents(arms[a].eval(), ddim, 5, (1, 2, 2), cond=cond[a], guidance_scale=3.0,
                               generator=torch.Generator().manual_seed(seed), batch_size=3, null_class=2)
         assert torch.allclose(stacked[5][a], lone, atol=1e-4)
 
