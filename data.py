@@ -59,6 +59,7 @@ class DataConfig:
     dataset: str = "cmnist"        # cmnist | mnist-pair | celeba
     data_root: str = ""            # '' = $FAIRDIFF_DATA, else ./data
     bias: float = 0.8              # share of group 0 in the training split
+    spurious: float = 0.0          # cmnist: P(digit d has its majority color d mod G) (> 0 overrides bias)
     n_train: int = 0               # training-set size (0 = as large as the bias allows; celeba 7000)
     colors: str = "red,green"      # cmnist: one color per group
     digits: str = "7,8"            # mnist-pair: digit of group 0, digit of group 1
@@ -93,6 +94,10 @@ def check_config(cfg: DataConfig):
         raise ValueError(f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}")
     if not 0.0 <= cfg.bias <= 1.0:
         raise ValueError(f"--bias {cfg.bias} is outside [0, 1] (it is the share of group 0)")
+    if not 0.0 <= cfg.spurious <= 1.0:
+        raise ValueError(f"--spurious {cfg.spurious} is outside [0, 1] (it is P(a digit's majority color))")
+    if cfg.spurious and cfg.dataset != "cmnist":
+        raise ValueError(f"--spurious {cfg.spurious} applies to --dataset cmnist only (got {cfg.dataset})")
     if cfg.n_train < 0:
         raise ValueError(f"--n-train {cfg.n_train} must be >= 0 (0 = as many as the bias allows)")
     names = cfg.colors.split(",")
@@ -167,6 +172,10 @@ def _cmnist(cfg, split, gray, digits, gen):
     counts[-1] = n - counts[:-1].sum()
     group = torch.repeat_interleave(torch.arange(n_groups), counts)  # [n]
     names = cfg.colors.split(",")
+    if split == "train" and cfg.spurious:     # group 0..G-1 per image: the digit's majority color or another
+        majority = digits[order] % n_groups                                  # [n]
+        other = (majority + torch.randint(1, n_groups, (n,), generator=gen)) % n_groups
+        group = torch.where(torch.rand(n, generator=gen) < cfg.spurious, majority, other)
     palette = torch.tensor([COLORS[c] for c in names], dtype=torch.float32)  # [K, 3]
     intensity = gray[order].float().unsqueeze(1) / 255                      # [n, 1, 32, 32]
     images = (intensity * palette[group][:, :, None, None]).round().to(torch.uint8)  # [n, 3, 32, 32]
