@@ -24,10 +24,13 @@ so an evaluation never inherits the training bias.
                 uses to build a spurious correlation between Smiling and Male.
 
 MNIST is read from torchvision's raw layout by `datafiles`, which checks all four files before it
-unpacks or reads any. CelebA is read with a few lines of our own (the attribute and partition rows,
-torchvision.io for the JPEGs) because `torchvision.datasets.CelebA` checks MD5s of annotation files
-that a subset cannot match. Decoded CelebA images are cached once as a uint8 tensor in cache_dir()
-($FAIRDIFF_CACHE, default <--runs>/cache). A faulty file raises one line that names it.
+unpacks or reads any. `--download` says when the network is used: `auto` (the default) lets
+torchvision fetch MNIST when none of its files is there, `true` also fetches the missing files of a
+partial copy and CelebA (from Google Drive, with the package gdown), `false` never. CelebA is read
+with a few lines of our own (the attribute and partition rows, torchvision.io for the JPEGs) because
+`torchvision.datasets.CelebA` checks MD5s of annotation files that a subset cannot match. Decoded
+CelebA images are cached once as a uint8 tensor in cache_dir() ($FAIRDIFF_CACHE, default
+<--runs>/cache). A faulty file raises one line that names it.
 """
 import argparse
 import importlib.util
@@ -48,6 +51,7 @@ DATASETS = ("cmnist", "mnist-pair", "celeba")
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
           "magenta": (255, 0, 255), "cyan": (0, 255, 255), "white": (255, 255, 255)}
 MNIST_FILES = datafiles.MNIST_FILES
+DOWNLOAD = datafiles.DOWNLOAD            # the values of --download: auto, true, false
 CELEBA_FILES = ["img_align_celeba/", "list_attr_celeba.txt", "list_eval_partition.txt"]
 CELEBA_CROP, CELEBA_SIZE = 140, 64          # the usual CelebA-64 preprocessing (crop, then resize)
 MNIST_PAD = 2                               # 28 + 2·2 = 32 pixels
@@ -66,7 +70,7 @@ class DataConfig:
     cond_attr: str = "Smiling"     # celeba: the class label c
     cell_ratio: str = ""           # celeba: cond x group cell shares, e.g. "1,4,4,1" (overrides bias)
     min_cell: int = 100            # celeba with cell_ratio: refuse a split whose cell has fewer images
-    download: bool = False         # fetch absent MNIST files (CelebA: needs gdown); else no network
+    download: str = "auto"         # auto | true | false: when to fetch absent files (see the docstring)
     seed: int = 0
 
 
@@ -98,6 +102,9 @@ def check_config(cfg: DataConfig):
         raise ValueError(f"--spurious {cfg.spurious} is outside [0, 1] (it is P(a digit's majority color))")
     if cfg.spurious and cfg.dataset != "cmnist":
         raise ValueError(f"--spurious {cfg.spurious} applies to --dataset cmnist only (got {cfg.dataset})")
+    if cfg.download not in DOWNLOAD:
+        raise ValueError(f"--download {cfg.download!r}: choose auto (fetch MNIST when none of its files is "
+                         f"there), true (fetch whatever is missing, CelebA too) or false (never use the network)")
     if cfg.n_train < 0:
         raise ValueError(f"--n-train {cfg.n_train} must be >= 0 (0 = as many as the bias allows)")
     names = cfg.colors.split(",")
@@ -274,19 +281,20 @@ def _celeba(cfg, split, gen):
     root = data_root(cfg)
     base = root / "celeba"
     missing = [f for f in CELEBA_FILES if not (base / f).exists()]
-    if missing and cfg.download and importlib.util.find_spec("gdown") is None:
+    if missing and cfg.download == "true" and importlib.util.find_spec("gdown") is None:
         raise FileNotFoundError(
             f"--download true cannot fetch CelebA: torchvision fetches it from Google Drive with the "
             f"package gdown, which is not installed; place {', '.join(CELEBA_FILES)} in "
             f"{base.resolve()}/ by hand (or pip install gdown)")
-    if missing and cfg.download:
+    if missing and cfg.download == "true":
         torchvision.datasets.CelebA(root, split="all", download=True)
         missing = []
     if missing:
         raise FileNotFoundError(
             f"CelebA not found under data root {root.resolve()}: expected {base}/ with "
             f"{', '.join(CELEBA_FILES)} (torchvision's layout); missing {', '.join(missing)}; "
-            f"place them there by hand or point --data-root / FAIRDIFF_DATA at a folder that has them")
+            f"place them there by hand, or point --data-root / FAIRDIFF_DATA at a folder that has them, or "
+            f"pass --download true (Google Drive, needs gdown)")
     ids, names, attrs = read_celeba_table(base / "list_attr_celeba.txt")
     if "Male" not in names:
         raise ValueError(f"{base / 'list_attr_celeba.txt'} has no Male column (the group); copy it again")

@@ -9,13 +9,21 @@ unpacked or as the official `.gz`:
 
 Every file present is checked (header, size, gzip integrity, image and label counts agree) before
 anything is written, and an archive is unpacked through a per-process temp name and os.replace, so a
-bad file stops the run with one line naming it and leaves the folder as it was. The network is used
-only when asked (`download=True`) and only for files that are absent; a corrupt file is never
-replaced behind the user's back.
+bad file stops the run with one line naming it and leaves the folder as it was. `download` says when
+torchvision's mirrors are used, and only ever for files that are absent:
+
+    auto    only when none of the four is there (a fresh machine); a partial copy is left to the user
+    true    whenever one is absent
+    false   never
+
+The files present are checked before any download, so a corrupt file stops the run before the
+network is reached and is never replaced behind the user's back. A download arrives in a temp
+folder and reaches raw/ only whole, so a failed one (no network) leaves raw/ as it was.
 
 Caches (decoded images, latents) are rebuilt when they cannot be read, and written atomically.
 """
 import gzip
+import http.client
 import os
 import struct
 import sys
@@ -28,10 +36,11 @@ import torch
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 IMAGES, LABELS, SIDE = 2051, 2049, 28        # IDX magics; MNIST digits are 28x28
+DOWNLOAD = ("auto", "true", "false")         # the values of --download (see the module docstring)
 
 
 # ------------------------------------------------------------------------------------------- MNIST
-def load_mnist(raw: Path, train: bool, download: bool):
+def load_mnist(raw: Path, train: bool, download: str):
     """-> images uint8 [N, 28, 28], labels int64 [N] of one split, after checking all four files."""
     prepare_mnist(raw, download)
     split = "train" if train else "t10k"
@@ -42,31 +51,42 @@ def load_mnist(raw: Path, train: bool, download: bool):
     return images, torch.frombuffer(bytearray(labels), dtype=torch.uint8, offset=8).long()
 
 
-def prepare_mnist(raw: Path, download: bool):
-    """Make raw/ hold the four unpacked files, or raise one line that names the file at fault."""
+def prepare_mnist(raw: Path, download: str):
+    """Make raw/ hold the four unpacked files, or raise one line that names the file at fault.
+    download is one of DOWNLOAD; the files present are checked before any is fetched."""
     absent = [f for f in MNIST_FILES if not (raw / f).exists() and not (raw / f"{f}.gz").exists()]
-    if absent and not download:
+    packed, counts = {}, {}                                          # name -> unpacked bytes, item count
+    for f in MNIST_FILES:
+        if f not in absent:
+            check_file(raw, f, packed, counts)
+    if absent and (download == "false" or (download == "auto" and len(absent) < len(MNIST_FILES))):
+        why = ("--download false uses no network" if download == "false" else
+               "--download auto fetches only when none of the four is there")
         raise FileNotFoundError(
-            f"MNIST {'not found' if len(absent) == 4 else 'incomplete'}: put "
+            f"MNIST {'not found' if len(absent) == len(MNIST_FILES) else 'incomplete'} ({why}): put "
             f"{', '.join(f + '.gz' for f in absent)} (or the files unpacked) into {raw.resolve()}/, "
             f"or pass --download true to fetch them (11.6 MB for all four), or point --data-root / "
             f"FAIRDIFF_DATA at a folder that has MNIST/raw/")
     if absent:
         fetch(raw, absent)
-    packed = {f: unzip(raw / f"{f}.gz") for f in MNIST_FILES if not (raw / f).exists()}   # name -> bytes
-    counts = {}
-    for f in MNIST_FILES:
-        if f in packed:
-            counts[f] = check_header(raw / f"{f}.gz", packed[f][:16], len(packed[f]))
-        else:
-            with open(raw / f, "rb") as fh:
-                counts[f] = check_header(raw / f, fh.read(16), (raw / f).stat().st_size)
+        for f in absent:
+            check_file(raw, f, packed, counts)
     for images, labels in (MNIST_FILES[:2], MNIST_FILES[2:]):
         if counts[images] != counts[labels]:
             raise ValueError(f"MNIST in {raw}: {images} holds {counts[images]} images but {labels} "
                              f"{counts[labels]} labels, so they come from different copies; copy both again")
     for f, blob in packed.items():
         write_atomic(raw / f, lambda tmp: tmp.write_bytes(blob))
+
+
+def check_file(raw: Path, f: str, packed: dict, counts: dict):
+    """Check raw/f, or raw/f.gz when f is not unpacked (its bytes go to packed[f]); counts[f] = its items."""
+    if (raw / f).exists():
+        with open(raw / f, "rb") as fh:
+            counts[f] = check_header(raw / f, fh.read(16), (raw / f).stat().st_size)
+    else:
+        packed[f] = unzip(raw / f"{f}.gz")
+        counts[f] = check_header(raw / f"{f}.gz", packed[f][:16], len(packed[f]))
 
 
 def check_header(path: Path, head: bytes, size: int) -> int:
@@ -100,8 +120,10 @@ def unzip(path: Path) -> bytes:
 
 
 def fetch(raw: Path, names):
-    """Download the official archives of `names` (checked against torchvision's MD5s) into raw/.
-    They arrive in a temp folder first, so a failed download leaves raw/ as it was."""
+    """Download the official archives of `names` with torchvision (its mirrors, checked against its
+    MD5s) into raw/. They arrive in a temp folder first and reach raw/ only when all have arrived,
+    so a failed download (no network, a cut connection, a wrong MD5) leaves raw/ as it was and
+    raises one line naming the folder and the four files to put there by hand."""
     from torchvision.datasets import MNIST, utils
     print(f"MNIST: downloading {', '.join(n + '.gz' for n in names)} into {raw.resolve()}/")
     md5 = dict(MNIST.resources)
@@ -112,8 +134,10 @@ def fetch(raw: Path, names):
                 try:
                     utils.download_url(mirror + name + ".gz", tmp, md5=md5[name + ".gz"])
                     break
-                except (OSError, RuntimeError) as e:     # URLError is an OSError; a wrong MD5 a RuntimeError
-                    errors.append(f"{mirror}: {' '.join(str(e).split())}")
+                # URLError (no network) is an OSError, a connection cut mid-file an HTTPException,
+                # a wrong MD5 a RuntimeError
+                except (OSError, http.client.HTTPException, RuntimeError) as e:
+                    errors.append(f"{mirror}: {' '.join(str(e).split()) or type(e).__name__}")
             else:
                 raise FileNotFoundError(
                     f"could not download MNIST {name}.gz ({'; '.join(errors)}); without a network put "

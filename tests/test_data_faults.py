@@ -3,12 +3,13 @@
 Every data root here is a tiny synthetic one in tmp_path (MNIST: 12 + 6 images in IDX files, gzip'd
 or not; CelebA: 6 small JPEGs with their two lists), so no test needs the real data or a network:
 torchvision's download function is replaced by a fake that either serves the synthetic archives or
-fails as it would offline. Each fault is checked for its message (one line, naming the file and
-the fix) and for the data root being byte-identical before and after. The last tests run the CLI
-and the rules of tests/conftest.py in subprocesses.
+fails as it would offline, under each value of --download (auto, true, false). Each fault is checked
+for its message (one line, naming the file and the fix) and for the data root being byte-identical
+before and after. The last tests run the CLI and the rules of tests/conftest.py in subprocesses.
 """
 import gzip
 import hashlib
+import http.client
 import os
 import shutil
 import subprocess
@@ -70,7 +71,7 @@ def mnist_root(root: Path, packed: bool) -> Path:
     return root
 
 
-def load_mnist(root: Path, download=False):
+def load_mnist(root: Path, download="auto"):
     return data.load(DataConfig(data_root=str(root), download=download), "train")
 
 
@@ -92,7 +93,7 @@ def test_a_truncated_last_archive_is_named_before_anything_is_unpacked(tmp_path)
     last = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
     last.write_bytes(last.read_bytes()[:-10])
     before = tree(root)
-    for download in (False, True):                     # a corrupt file is never fetched again behind one's back
+    for download in datafiles.DOWNLOAD:                # a corrupt file is never fetched again behind one's back
         raises_one_line(ValueError, lambda: load_mnist(root, download), str(last), "not a complete gzip archive",
                         "delete it")
         assert tree(root) == before
@@ -158,26 +159,32 @@ def test_archives_alone_are_unpacked_in_place_offline(tmp_path):
     assert sorted(p.name for p in raw.iterdir()) == sorted(datafiles.MNIST_FILES + [f + ".gz" for f in datafiles.MNIST_FILES])
     for f in datafiles.MNIST_FILES:
         assert (raw / f).read_bytes() == gzip.decompress((raw / f"{f}.gz").read_bytes())
-    gray, digits = datafiles.load_mnist(raw, train=False, download=False)     # [6, 28, 28], [6]
+    gray, digits = datafiles.load_mnist(raw, train=False, download="false")   # [6, 28, 28], [6]
     assert torch.equal(gray, images) and torch.equal(digits, labels)
 
 
-def test_absent_mnist_says_where_to_put_which_files_and_how_to_fetch_them(tmp_path):
+def test_absent_mnist_under_download_false_says_where_to_put_which_files(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
     raw = (root / "MNIST" / "raw").resolve()
     files = [f + ".gz" for f in datafiles.MNIST_FILES]
-    raises_one_line(FileNotFoundError, lambda: load_mnist(root), "MNIST not found", f"{raw}/", "--download true", *files)
+    raises_one_line(FileNotFoundError, lambda: load_mnist(root, "false"), "MNIST not found",
+                    "--download false uses no network", f"{raw}/", "--download true", *files)
     assert tree(root) == {}
 
 
-def fake_download(served, urls):
-    """torchvision's download_url, serving the synthetic archives in `served` (name -> bytes)."""
+def no_route():
+    return urllib.error.URLError("[Errno -3] Temporary failure in name resolution")    # what urlopen raises offline
+
+
+def fake_download(served, urls, error=no_route):
+    """torchvision's download_url, serving the synthetic archives in `served` (name -> bytes) and
+    raising error() for any other."""
     def download_url(url, root, filename=None, md5=None):
         urls.append(url)
         name = url.rsplit("/", 1)[1]
         if name not in served:
-            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+            raise error()
         Path(root, name).write_bytes(served[name])
     return download_url
 
@@ -187,32 +194,85 @@ def served_archives(tmp_path) -> dict:
     return {p.name: p.read_bytes() for p in raw.iterdir()}
 
 
-def test_download_true_fetches_the_absent_archives_and_says_where(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("download", ["auto", "true"])
+def test_absent_mnist_is_fetched_and_the_folder_is_said(download, tmp_path, monkeypatch, capsys):
+    """auto (the default) and true fetch MNIST that is not there at all, and print where it goes."""
     served, urls = served_archives(tmp_path), []
     monkeypatch.setattr(torchvision.datasets.utils, "download_url", fake_download(served, urls))
     root = tmp_path / "data"
-    assert len(load_mnist(root, download=True)) == N["train"]
+    assert len(load_mnist(root, download)) == N["train"]
     raw = root / "MNIST" / "raw"
-    assert f"into {raw.resolve()}/" in capsys.readouterr().out
+    said = [line for line in capsys.readouterr().out.splitlines() if "MNIST" in line]
+    assert len(said) == 1 and f"into {raw.resolve()}/" in said[0], said
     assert [u.rsplit("/", 1)[1] for u in urls] == [f + ".gz" for f in datafiles.MNIST_FILES]
     assert all(u.startswith(torchvision.datasets.mnist.MNIST.mirrors[0]) for u in urls)
     assert {f"{f}.gz": (raw / f"{f}.gz").read_bytes() for f in datafiles.MNIST_FILES} == served
+    assert sorted(p.name for p in raw.iterdir()) == sorted(datafiles.MNIST_FILES + list(served))  # no temp left
     urls.clear()
-    load_mnist(root, download=True)                    # everything there: no network
+    load_mnist(root, download)                         # everything there: no network
     assert urls == []
 
 
-def test_download_true_offline_names_the_folder_and_files_and_writes_nothing(tmp_path, monkeypatch):
-    """Offline after one archive arrived: one line naming the folder and the four files, nothing kept."""
+OFFLINE = {  # name: (--download, what the fake raises, what the message must say)
+    "auto-no-network": ("auto", no_route, "Temporary failure"),
+    "true-no-network": ("true", no_route, "Temporary failure"),
+    "auto-timeout": ("auto", lambda: TimeoutError("timed out"), "timed out"),
+    "auto-connection-cut": ("auto", lambda: http.client.IncompleteRead(b"x" * 5, 10), "IncompleteRead"),
+}
+
+
+@pytest.mark.parametrize("case", OFFLINE)
+def test_a_failed_fetch_names_the_folder_and_files_and_writes_nothing(case, tmp_path, monkeypatch):
+    """One archive arrived, then the network failed: one line naming the folder and the four files,
+    and nothing kept in the data root."""
+    download, error, says = OFFLINE[case]
     served = {k: v for k, v in served_archives(tmp_path).items() if k.startswith("train-images")}
-    monkeypatch.setattr(torchvision.datasets.utils, "download_url", fake_download(served, []))
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", fake_download(served, [], error))
     root = tmp_path / "data"
     root.mkdir()
     raw = (root / "MNIST" / "raw").resolve()
-    raises_one_line(FileNotFoundError, lambda: load_mnist(root, download=True), "could not download MNIST",
-                    "train-labels-idx1-ubyte.gz", "Temporary failure", f"{raw}/",
-                    *(f + ".gz" for f in datafiles.MNIST_FILES))
+    raises_one_line(FileNotFoundError, lambda: load_mnist(root, download), "could not download MNIST",
+                    "train-labels-idx1-ubyte.gz", says, f"{raw}/", *(f + ".gz" for f in datafiles.MNIST_FILES))
     assert tree(root) == {}
+
+
+def test_a_partial_copy_is_completed_only_under_download_true(tmp_path, monkeypatch):
+    """One archive absent, the others fine: auto and false name it and stay offline; true fetches it alone."""
+    root = mnist_root(tmp_path / "data", packed=True)
+    gone = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
+    served = {gone.name: gone.read_bytes()}
+    gone.unlink()
+    before = tree(root)
+    for download in ("auto", "false"):
+        raises_one_line(FileNotFoundError, lambda: load_mnist(root, download), "MNIST incomplete",
+                        gone.name, f"{gone.parent.resolve()}/", "--download true")
+        assert tree(root) == before
+    urls = []
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", fake_download(served, urls))
+    assert len(load_mnist(root, "true")) == N["train"]
+    assert [u.rsplit("/", 1)[1] for u in urls] == [gone.name] and gone.read_bytes() == served[gone.name]
+
+
+@pytest.mark.parametrize("download", datafiles.DOWNLOAD)
+def test_a_faulty_file_beside_an_absent_one_stops_before_any_fetch(download, tmp_path, monkeypatch):
+    """An absent archive and a cut-off one: whatever --download says, the cut-off one is named
+    and the fetch is never called."""
+    root = mnist_root(tmp_path / "data", packed=True)
+    raw = root / "MNIST" / "raw"
+    (raw / "t10k-images-idx3-ubyte.gz").unlink()
+    bad = raw / "train-labels-idx1-ubyte.gz"
+    bad.write_bytes(bad.read_bytes()[:-10])
+    before = tree(root)
+    fetched = []
+    monkeypatch.setattr(datafiles, "fetch", lambda raw, names: fetched.append(names))
+    raises_one_line(ValueError, lambda: load_mnist(root, download), str(bad), "not a complete gzip archive")
+    assert fetched == [] and tree(root) == before
+
+
+def test_a_bad_download_value_is_one_line_naming_the_flag_and_the_choices():
+    assert DataConfig().download == "auto"
+    raises_one_line(ValueError, lambda: data.check_config(DataConfig(download="yes")), "--download 'yes'",
+                    "auto", "true", "false")
 
 
 # ----------------------------------------------------------------------------------------- CelebA
@@ -277,8 +337,17 @@ def test_celeba_download_without_gdown_says_to_place_it_by_hand(tmp_path, monkey
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gdown" else find_spec(name, *a))
     root = tmp_path / "data"
     root.mkdir()
-    raises_one_line(FileNotFoundError, lambda: celeba(root, download=True), "cannot fetch CelebA", "gdown",
+    raises_one_line(FileNotFoundError, lambda: celeba(root, download="true"), "cannot fetch CelebA", "gdown",
                     f"{(root / 'celeba').resolve()}/ by hand", *data.CELEBA_FILES)
+    assert tree(root) == {}
+
+
+def test_absent_celeba_is_not_fetched_under_download_auto(tmp_path):
+    """CelebA comes from Google Drive only with --download true: auto (the default) names what to place where."""
+    root = tmp_path / "data"
+    root.mkdir()
+    raises_one_line(FileNotFoundError, lambda: celeba(root), "CelebA not found", str(root.resolve()),
+                    "--download true", *data.CELEBA_FILES)
     assert tree(root) == {}
 
 
@@ -316,17 +385,32 @@ def test_a_truncated_latent_cache_is_rebuilt(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ CLI and conftest
+def cli_error(root: Path, tmp_path: Path, *flags) -> str:
+    """vae.py on data root `root` with flags: it must exit 2 with one line on stderr, returned."""
+    env = {**os.environ, "FAIRDIFF_DATA": str(root), "FAIRDIFF_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "vae.py", "--dataset", "cmnist", "--preset", "tiny", "--device", "cpu",
+                        "--runs", str(tmp_path / "runs"), *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
 def test_the_cli_prints_the_fault_as_one_line_and_exits_2(tmp_path):
+    """Under the default --download auto, in a process whose network is not faked."""
     root = mnist_root(tmp_path / "data", packed=True)
     last = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
     last.write_bytes(last.read_bytes()[:-10])
     before = tree(root)
-    env = {**os.environ, "FAIRDIFF_DATA": str(root), "FAIRDIFF_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "vae.py", "--dataset", "cmnist", "--preset", "tiny", "--device", "cpu",
-                        "--runs", str(tmp_path / "runs")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert str(last) in lines[0]
+    assert str(last) in cli_error(root, tmp_path)
+    assert tree(root) == before
+
+
+def test_the_cli_refuses_a_bad_download_value_in_one_line(tmp_path):
+    root = mnist_root(tmp_path / "data", packed=True)
+    before = tree(root)
+    line = cli_error(root, tmp_path, "--download", "maybe")
+    assert all(s in line for s in ("--download 'maybe'", "auto", "true", "false")), line
     assert tree(root) == before
 
 
