@@ -11,7 +11,7 @@ closing every window:
 
     train img/s     = B / (one train() step: bf16 autocast diffusion loss, backward, grad clip,
                            fused AdamW, LR schedule, EMA with torch._foreach_* ops;
-                           --cuda-graph: that step captured once and replayed, train.GraphStep)
+                           --cuda-graph: that step captured once and replayed, cuda_graph.GraphStep)
     sample img/s    = n / (n noises -> n uint8 images: DDIM-50 or DDPM-1000, then the VAE decode)
     FLOPs / image   = torch.utils.flop_counter.FlopCounterMode on a small batch (attention through
                       its math kernel, so every backend's attention is counted the same way)
@@ -51,7 +51,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import ddpm
 import vae as vae_lib
-from train import EMA, ConfigError, gradient_clip, main_guard, make_step, optimizer
+from config import ConfigError, device_name, main_guard
+from train import EMA, gradient_clip, make_step, optimizer
 from unet import count_parameters
 
 DATASETS = {"cmnist": dict(num_classes=10, latent=(4, 8, 8)),      # class = digit
@@ -104,13 +105,13 @@ def reset_peak_memory(device):
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_bf16(device_name: str):
+def peak_bf16(name: str):
     """The dense bf16 FLOP/s of a known GPU (the first matching name), else None."""
-    return next((peak for key, peak in PEAK_BF16_DENSE if key in device_name), None)
+    return next((peak for key, peak in PEAK_BF16_DENSE if key in name), None)
 
 
 def device_info(device) -> dict:
-    name = torch.cuda.get_device_name(device) if str(device).startswith("cuda") else "cpu"
+    name = device_name(device)
     return {"device": name, "device_slug": re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"),
             "peak_bf16_dense_flops": peak_bf16(name)}
 

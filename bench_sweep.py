@@ -31,7 +31,8 @@ import data
 import ddm
 import ddpm
 from stack import Stacked
-from train import EMA, ConfigError, TrainConfig, gradient_clip, main_guard, make_step, optimizer
+from config import ConfigError, main_guard
+from train import EMA, gradient_clip, make_step, optimizer
 
 K = bench.DATASETS["cmnist"]["num_classes"]
 LATENT = bench.DATASETS["cmnist"]["latent"]

@@ -56,8 +56,9 @@ import ddpm
 import evaluate
 import vae as vae_lib
 from stack import Stacked
-from train import (ConfigError, TrainConfig, check_train_config, config_hash, explicit_flags, main_guard,
-                   parse_config, runtime_flags, train)
+from config import (ConfigError, TrainConfig, check_train_config, config_hash, explicit_flags, main_guard,
+                    parse_config, runtime_flags)
+from train import train
 from unet import Attention
 
 PROTOCOLS = ("prior", "biased-base")

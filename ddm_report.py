@@ -27,6 +27,7 @@ import data
 import ddm
 import evaluate
 import metrics
+from config import device_name
 from stack import Stacked
 
 N_DIAGNOSTIC = 1000      # real held-out latents behind C's accuracy
@@ -283,10 +284,6 @@ def strip(m: dict) -> dict:
 def file_name(m) -> str:
     text = f"{m['scenario']}_{m['ratio'].replace(':', 'to')}_{m['kind']}_alpha={m['alpha']:g}_cfg={m['scale']:g}"
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", text)
-
-
-def device_name(device) -> str:
-    return torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu"
 
 
 # ------------------------------------------------------------------------------------------ markdown

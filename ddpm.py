@@ -33,9 +33,9 @@ from torchvision.utils import save_image
 
 import data
 import vae as vae_lib
-from train import (ConfigError, TrainConfig, check_train_config, config_hash, distributed, int_list,
-                   load_checkpoint, local_batch, main_guard, parse_config, runtime_flags, seed_everything, train,
-                   explicit_flags)
+from config import (ConfigError, TrainConfig, check_train_config, config_hash, explicit_flags, from_fields, int_list,
+                    main_guard, parse_config, runtime_flags)
+from train import distributed, load_checkpoint, local_batch, seed_everything, train
 from unet import UNet, count_parameters
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
@@ -269,7 +269,7 @@ def build_scheduler(cfg: DiffusionConfig, sampler="ddim", eta=0.0) -> DDPMSchedu
 
 
 def data_config(cfg) -> data.DataConfig:
-    return data.DataConfig(**{k: getattr(cfg, k) for k in data.DataConfig.__dataclass_fields__})
+    return from_fields(data.DataConfig, asdict(cfg))
 
 
 class Pipeline:
@@ -329,7 +329,7 @@ def base_config(data_cfg: data.DataConfig, preset: str, **overrides) -> Diffusio
     if data_cfg.dataset == "celeba":
         fields.update(CELEBA_OVERRIDES.get(preset, {}))
     fields.update(overrides, preset=preset)
-    return DiffusionConfig(**{k: v for k, v in fields.items() if k in DiffusionConfig.__dataclass_fields__})
+    return from_fields(DiffusionConfig, fields)
 
 
 def ensure_base(cfg: DiffusionConfig, preset: str, runs: str, device: str, fresh=False) -> Pipeline:
@@ -377,7 +377,7 @@ def load_pipeline(run_dir, device="cpu") -> Pipeline:
     if not (run_dir / "ckpt.pt").exists():
         raise FileNotFoundError(f"no checkpoint in {run_dir}; train one with python ddpm.py --dataset ...")
     state = load_checkpoint(run_dir / "ckpt.pt", map_location=device)
-    cfg = DiffusionConfig(**{k: v for k, v in state["config"].items() if k in DiffusionConfig.__dataclass_fields__})
+    cfg = from_fields(DiffusionConfig, state["config"])
     vae = vae_lib.load_vae(run_dir.parent / cfg.vae, device)
     K = state["ema_model"]["class_emb.weight"].shape[0] - 1
     unet = build_unet(cfg, K, vae.decoder[0].in_channels).to(device)

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 import datafiles
 from data import COLORS, DataConfig, biased_indices, load
-from train import ConfigError, _bool, _Parser, check_device, check_writable
+from config import ConfigError, Parser, check_device, check_writable, parse_bool
 
 FOREGROUND = 0.5         # a pixel whose brightest channel is ≥ this (of 1) belongs to the digit
 CONFIDENT = 0.9          # softmax probability of "a confidently recognised digit"
@@ -504,14 +504,14 @@ def check_report_folder(folder: Path):
 
 def main(argv=None):
     """python evaluate.py --run runs/cmnist/<stage>: sample --n images and evaluate them as one arm."""
-    p = _Parser(description="sample a trained model and evaluate it as one arm")
+    p = Parser(description="sample a trained model and evaluate it as one arm")
     p.add_argument("--run", required=True, help="a base model run folder, e.g. runs/cmnist/base-<hash>")
     p.add_argument("--n", type=int, default=2000, help="samples to draw")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--runs-dir", default="runs", help="where the evaluation classifiers are cached")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--data-root", default=None, help="the data root (default: the run's, else $FAIRDIFF_DATA)")
-    p.add_argument("--download", type=_bool, default=None, help="fetch absent MNIST files (true/false)")
+    p.add_argument("--download", type=parse_bool, default=None, help="fetch absent MNIST files (true/false)")
     try:
         a = p.parse_args(argv)
         run = Path(a.run)

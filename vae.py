@@ -33,8 +33,9 @@ from torchvision.utils import save_image
 
 import data
 import datafiles
-from train import (ConfigError, TrainConfig, check_train_config, checkpoint, config_hash, int_list,
-                   load_checkpoint, local_batch, main_guard, explicit_flags, parse_config, seed_everything, train)
+from config import (ConfigError, TrainConfig, check_train_config, config_hash, explicit_flags, from_fields, int_list,
+                    main_guard, parse_config)
+from train import load_checkpoint, local_batch, seed_everything, train
 
 
 @dataclass
@@ -141,7 +142,7 @@ def vae_config(data_cfg: data.DataConfig, preset: str, **overrides) -> VAEConfig
     """The autoencoder for a dataset: bias-neutral (trained on the balanced split)."""
     fields = {**asdict(data_cfg), **PRESETS[preset], **overrides}
     fields.update(bias=0.5, cell_ratio="")
-    return VAEConfig(**{k: v for k, v in fields.items() if k in VAEConfig.__dataclass_fields__})
+    return from_fields(VAEConfig, fields)
 
 
 def check_vae_config(cfg: VAEConfig):
@@ -183,7 +184,7 @@ def train_vae(cfg: VAEConfig, out: Path, device: str) -> Autoencoder:
         mu = encode_images(model, images, device)
         scale = 1.0 / mu.float().std()
         state["scale"] = scale.cpu()
-        checkpoint(out / "ckpt.pt", state)
+        datafiles.save_cache(state, out / "ckpt.pt")
         print(f"vae: latent std {mu.std():.3f} -> scale factor {scale:.4f}; "
               f"loss {stats['loss']:.4f}; {stats['img_per_s']:.0f} img/s")
     model.scale.fill_(float(state["scale"]))
@@ -201,7 +202,7 @@ def load_vae(out: Path, device="cpu") -> Autoencoder:
     state = load_checkpoint(Path(out) / "ckpt.pt", map_location=device)
     if "scale" not in state:
         raise ConfigError(f"autoencoder {out} is unfinished; rerun vae.py to finish it")
-    model = build(VAEConfig(**{k: v for k, v in state["config"].items() if k in VAEConfig.__dataclass_fields__}))
+    model = build(from_fields(VAEConfig, state["config"]))
     model.load_state_dict(state["ema_model"])
     model.scale.fill_(float(state["scale"]))
     return model.to(device).eval()
@@ -237,8 +238,8 @@ def encode_dataset(vae: Autoencoder, vae_dir: Path, data_cfg: data.DataConfig, d
 
 def main():
     cfg, args = parse_config(VAEConfig, {}, description="train the KL autoencoder and cache latents")
-    data_cfg = data.DataConfig(**{k: getattr(cfg, k) for k in data.DataConfig.__dataclass_fields__})
-    overrides = {k: v for k, v in explicit_flags(VAEConfig, args).items() if k not in data.DataConfig.__dataclass_fields__}
+    data_cfg = from_fields(data.DataConfig, asdict(cfg))
+    overrides = {k: v for k, v in explicit_flags(VAEConfig, args).items() if k not in asdict(data_cfg)}
     vae, out = ensure_vae(data_cfg, args.preset, args.runs, args.device, args.fresh, **overrides)
     z = encode_dataset(vae, out, data_cfg, args.device)["z0"]
     print(f"latents {tuple(z.shape)} (std {z.std():.3f}) cached in {out}; reconstructions: {out / 'recon.png'}")

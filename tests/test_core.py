@@ -1,15 +1,13 @@
-"""Tests for the core: schedules and samplers (ddpm.py), the UNet, the autoencoder (vae.py), the
-datasets (data.py), the training loop's resume / NaN guard / atomic checkpoints (train.py), and the
-command lines' one-line errors on bad input.
+"""Tests for the core: schedules and samplers (ddpm.py), the UNet, the autoencoder (vae.py) and its
+stage's exact resume, the datasets (data.py), the base model end to end, and the command lines'
+one-line errors on bad input. The training loop itself is tested in test_train.py.
 
 Every test runs on CPU in seconds with tiny models. MNIST is a synthetic stand-in written in
 torchvision's raw IDX layout (and the real one when FAIRDIFF_DATA has it); CelebA is a tiny folder
 of JPEGs in the real layout."""
-import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's flat modules without installing
 import data  # noqa: E402
 import ddpm  # noqa: E402
-import train as train_lib  # noqa: E402
 import vae  # noqa: E402
 from data import DataConfig  # noqa: E402
-from ddpm import DDIMScheduler, DDPMScheduler, diffusion_loss, drop_labels, sample_latents  # noqa: E402
-from train import TrainConfig, checkpoint, config_hash  # noqa: E402
+from ddpm import DDIMScheduler, DDPMScheduler, drop_labels, sample_latents  # noqa: E402
+from config import comparable, config_hash  # noqa: E402
+from datafiles import save_cache  # noqa: E402
 from unet import UNet  # noqa: E402
 from idx import write_mnist  # noqa: E402  (tests/idx.py)
+from test_train import assert_same_state, load  # noqa: E402
 
 torch.set_num_threads(1)   # tiny models: more threads only spin on a shared CPU
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -496,232 +495,6 @@ def test_celeba_missing_images_and_cell_ratio(tmp_path):
         data.load(DataConfig(dataset="celeba", data_root=str(root), cond_attr="Happy"), "train")
 
 
-# ================================================================ training loop: resume, NaN
-def tiny_diffusion_task():
-    """The base model's loss on fixed random latents: (scheduler, loss_fn(net, step, gen))."""
-    sched = DDPMScheduler(num_train_timesteps=100)
-    z0, label = torch.randn(32, 4, 8, 8, generator=gen(0)), torch.arange(32) % 2
-
-    def loss_fn(net, step, g):
-        idx = torch.randint(32, (8,), generator=g)
-        return diffusion_loss(net, sched, z0[idx], drop_labels(label[idx], 2, 0.5, g), g)
-    return loss_fn
-
-
-def assert_same_state(a: dict, b: dict):
-    assert a["step"] == b["step"]
-    for key in ("model", "ema_model"):
-        assert a[key].keys() == b[key].keys()
-        for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), (key, k)
-    for x, y in zip(a["ema"], b["ema"]):
-        assert torch.equal(x, y)
-    for k, state in a["opt"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(value, b["opt"]["state"][k][name]), ("opt", k, name)
-    assert torch.equal(a["gen"][0], b["gen"][0])
-
-
-def load(path):
-    return torch.load(path, weights_only=True)
-
-
-def test_kill_and_resume_gives_identical_weights(tmp_path):
-    loss_fn = tiny_diffusion_task()
-    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup=2, lr_schedule="cosine", ckpt_every=3, log_every=2)
-    train_lib.train(tiny_unet(0), loss_fn, cfg, tmp_path / "straight")
-
-    def killed(net, step, g):
-        if step == 3:                                              # after the step-3 checkpoint
-            raise KeyboardInterrupt
-        return loss_fn(net, step, g)
-    with pytest.raises(KeyboardInterrupt):
-        train_lib.train(tiny_unet(0), killed, cfg, tmp_path / "resumed")
-    assert load(tmp_path / "resumed" / "ckpt.pt")["step"] == 3
-    seen = []
-
-    def recording(net, step, g):
-        seen.append(step)
-        return loss_fn(net, step, g)
-    model = tiny_unet(seed=7)                                      # other initial weights: they must be replaced
-    train_lib.train(model, recording, cfg, tmp_path / "resumed")
-    assert seen == [3, 4, 5]                                       # resumed, not restarted
-    straight, resumed = load(tmp_path / "straight" / "ckpt.pt"), load(tmp_path / "resumed" / "ckpt.pt")
-    assert_same_state(straight, resumed)
-    for k, v in model.state_dict().items():                        # the model is left with the EMA weights
-        assert torch.equal(v, straight["ema_model"][k])
-    assert not list((tmp_path / "resumed").glob("*.tmp"))
-
-
-def test_a_resumed_log_has_each_step_once(tmp_path):
-    """Killed after logging step 4 but checkpointed at step 3: the rerun drops the row of step 4 and
-    logs it again, so log.jsonl lists the steps of an uninterrupted run, each once."""
-    loss_fn = tiny_diffusion_task()
-    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup=2, ckpt_every=3, log_every=2)
-    train_lib.train(tiny_unet(0), loss_fn, cfg, tmp_path / "straight")
-
-    def killed(net, step, g):
-        if step == 4:                                              # after the row of step 4
-            raise KeyboardInterrupt
-        return loss_fn(net, step, g)
-    with pytest.raises(KeyboardInterrupt):
-        train_lib.train(tiny_unet(0), killed, cfg, tmp_path / "resumed")
-    steps = lambda run: [json.loads(line)["step"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
-    assert steps("resumed") == [2, 3, 4]                           # the row after the checkpoint is there
-    train_lib.train(tiny_unet(0), loss_fn, cfg, tmp_path / "resumed")
-    assert steps("resumed") == steps("straight") == [2, 3, 4, 6]
-
-
-def test_graph_step_body_with_tensor_lr_matches_the_eager_step():
-    """GraphStep's body (what --cuda-graph captures: capturable AdamW whose learning rate is a tensor
-    the schedule fills, EMA decay in a tensor, no zero_grad inside) gives the eager train_step's
-    weights, EMA and learning rate. Run here without capture (capture needs CUDA)."""
-    loss_fn = tiny_diffusion_task()
-    cfg = TrainConfig(lr=1e-3, warmup=3, lr_schedule="cosine", steps=8, ema_decay=0.9)
-    clip = train_lib.gradient_clip(cfg)
-    runs, saved = {}, {}
-    for graph in (False, True):
-        model = tiny_unet(0)
-        params = list(model.parameters())
-        opt, sched = train_lib.optimizer(params, cfg, cuda=False, graph=graph)
-        ema, g = train_lib.EMA(params, cfg.ema_decay), gen(1)
-        step = train_lib.GraphStep(model, loss_fn, g, opt, sched, ema, params, clip, capture=False)
-        lr_tensor = opt.param_groups[0]["lr"]                         # a graph reads this very tensor
-        for s in range(cfg.steps):
-            if graph:
-                step(s)
-            else:
-                train_lib.train_step(model, loss_fn, s, g, opt, sched, ema, params, clip, cuda=False)
-        assert torch.is_tensor(opt.param_groups[0]["lr"]) == graph
-        assert opt.param_groups[0]["lr"] is lr_tensor or not graph        # filled in place, not replaced
-        runs[graph] = (params, ema.shadow, float(opt.param_groups[0]["lr"]))
-        saved[graph] = opt.state_dict()
-    (p0, e0, lr0), (p1, e1, lr1) = runs[False], runs[True]
-    assert lr1 == pytest.approx(lr0) and lr0 < cfg.lr                  # the cosine schedule moved both
-    # capturable AdamW computes its step size with tensor ops, the eager one in Python floats: the two
-    # round differently, by an amount that depends on the CPU's kernels. Eight steps of lr ≤ 1e-3 move
-    # a weight by up to ~8e-3, so 1e-5 still catches a wrong learning rate, schedule or EMA decay.
-    for a, b in zip(p0 + e0, p1 + e1):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
-    with pytest.raises(train_lib.ConfigError, match="choose one"):
-        train_lib.check_train_config(TrainConfig(compile=True, cuda_graph=True))
-    # a checkpoint of either mode resumes in the other: lr and capturable follow the mode
-    for graph in (False, True):
-        opt, _ = train_lib.optimizer(list(tiny_unet(0).parameters()), cfg, cuda=False, graph=graph)
-        opt.load_state_dict(saved[not graph])
-        train_lib.match_optimizer(opt, graph, cuda=True)
-        group = opt.param_groups[0]
-        assert torch.is_tensor(group["lr"]) == graph and group["capturable"] == graph
-        assert float(group["lr"]) == pytest.approx(lr0)
-
-
-def test_a_failed_capture_says_how_to_train_eagerly(monkeypatch):
-    """Now that --cuda-graph is the GPU default, a capture that CUDA refuses ends in one line naming
-    --cuda-graph false (the capture itself is faked here: it needs a GPU)."""
-    class FakeGraph:
-        def register_generator_state(self, gen):
-            pass
-
-    def refused(graph):
-        raise RuntimeError("operation not permitted when stream is capturing")
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", refused)
-    model, cfg = tiny_unet(0), TrainConfig(lr=1e-3)
-    params = list(model.parameters())
-    opt, sched = train_lib.optimizer(params, cfg, cuda=False, graph=True)
-    step = train_lib.GraphStep(model, tiny_diffusion_task(), gen(1), opt, sched,
-                               train_lib.EMA(params, cfg.ema_decay), params, train_lib.gradient_clip(cfg))
-    step.warm = step.WARMUP                                            # straight to the capture
-    with pytest.raises(train_lib.ConfigError, match="stream is capturing.*rerun with --cuda-graph false"):
-        step(0)
-
-
-def test_cuda_graph_is_the_command_line_default_on_one_gpu_only(monkeypatch):
-    """parse_config turns --cuda-graph on for one CUDA process, and leaves it off on CPU, under torchrun,
-    with --compile true, or when given. (A machine with two GPUs is faked: --device cuda is refused
-    without one.)"""
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    def graph(*argv):
-        return train_lib.parse_config(ddpm.DiffusionConfig, {}, list(argv))[0].cuda_graph
-    assert graph("--device", "cuda") and graph("--device", "cuda:1")
-    assert not graph("--device", "cpu")
-    assert not graph("--device", "cuda", "--cuda-graph", "false")
-    assert not graph("--device", "cuda", "--compile", "true")
-    assert graph("--device", "cpu", "--cuda-graph", "true")             # asked for: kept (a no-op on CPU)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert not graph("--device", "cuda")
-    assert TrainConfig().cuda_graph is False                            # code that builds configs: eager
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_training_matches_eager_and_resumes(tmp_path):
-    """On a GPU, --cuda-graph trains what the eager loop trains (same batches and noise: the
-    registered generator keeps the stream), and a run stopped mid-way and resumed (eager warm-up,
-    capture again) ends where the uninterrupted graph run did."""
-    sched = DDPMScheduler(num_train_timesteps=100)
-    z0, label = torch.randn(64, 4, 8, 8, generator=gen(0)).cuda(), (torch.arange(64) % 2).cuda()
-
-    def loss_fn(net, step, g):
-        idx = torch.randint(64, (16,), generator=g, device="cuda")
-        return diffusion_loss(net, sched, z0[idx], drop_labels(label[idx], 2, 0.5, g), g)
-    common = dict(steps=12, batch_size=16, lr=1e-3, warmup=3, lr_schedule="cosine", ckpt_every=6, log_every=2)
-    for name, graph in (("eager", False), ("graph", True)):
-        train_lib.train(tiny_unet(0).cuda(), loss_fn, TrainConfig(**common, cuda_graph=graph), tmp_path / name,
-                        device="cuda")
-    asked = []
-
-    def stop_once(model, out):                   # at the step-6 checkpoint: a Ctrl-C, honoured after step 7
-        if not asked:
-            asked.append(True)
-            signal.raise_signal(signal.SIGINT)
-    cfg = TrainConfig(**common, cuda_graph=True)
-    with pytest.raises(train_lib.Stopped):
-        train_lib.train(tiny_unet(0).cuda(), loss_fn, cfg, tmp_path / "resumed", sample_fn=stop_once, device="cuda")
-    assert load(tmp_path / "resumed" / "ckpt.pt")["step"] == 7
-    train_lib.train(tiny_unet(0).cuda(), loss_fn, cfg, tmp_path / "resumed", device="cuda")
-    eager, graph, resumed = (load(tmp_path / n / "ckpt.pt") for n in ("eager", "graph", "resumed"))
-    assert torch.equal(graph["gen"][0], resumed["gen"][0]) and torch.equal(eager["gen"][0], graph["gen"][0])
-    for other in (eager, resumed):
-        for k, v in graph["model"].items():
-            assert torch.allclose(v, other["model"][k], rtol=1e-3, atol=1e-5), k
-
-
-def test_ema_is_the_formula():
-    p = torch.nn.Parameter(torch.tensor([2.0]))
-    ema = train_lib.EMA([p], max_decay=0.5)
-    p.data.fill_(4.0)
-    ema.set_decay(step=0)                                            # decay min(0.5, 1/10) = 0.1
-    ema.apply()
-    assert ema.shadow[0].item() == pytest.approx(0.1 * 2 + 0.9 * 4)
-    ema.set_decay(step=100)                                          # decay 0.5
-    ema.apply()
-    assert ema.shadow[0].item() == pytest.approx(0.5 * (0.1 * 2 + 0.9 * 4) + 0.5 * 4)
-
-
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_checkpoints_at_the_step_and_resumes_exactly(tmp_path, signum):
-    """Ctrl-C / SIGTERM mid-run: the step finishes, a checkpoint is written there (not at the last
-    ckpt_every), the run stops with Stopped, and rerunning gives the uninterrupted weights."""
-    loss_fn = tiny_diffusion_task()
-    cfg = TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup=2, ckpt_every=6, log_every=1)
-    train_lib.train(tiny_unet(0), loss_fn, cfg, tmp_path / "straight")
-
-    def signalled(net, step, g):
-        if step == 3:
-            os.kill(os.getpid(), signum)                           # arrives inside step 3
-        return loss_fn(net, step, g)
-    previous = signal.getsignal(signum)
-    with pytest.raises(train_lib.Stopped, match="at step 4 of 6"):
-        train_lib.train(tiny_unet(0), signalled, cfg, tmp_path / "resumed")
-    assert signal.getsignal(signum) is previous                    # the handler is put back
-    assert load(tmp_path / "resumed" / "ckpt.pt")["step"] == 4
-    train_lib.train(tiny_unet(0), loss_fn, cfg, tmp_path / "resumed")
-    assert_same_state(load(tmp_path / "straight" / "ckpt.pt"), load(tmp_path / "resumed" / "ckpt.pt"))
-
-
 def test_vae_stage_kill_and_resume_is_exact(mnist_root, tmp_path, monkeypatch):
     """Through vae.train_vae: the posterior noise and the initial weights come from the seed."""
     cfg = vae.VAEConfig(data_root=str(mnist_root), n_train=64, channels="8,16", steps=4, batch_size=8,
@@ -746,39 +519,6 @@ def test_vae_stage_kill_and_resume_is_exact(mnist_root, tmp_path, monkeypatch):
     straight, resumed = load(tmp_path / "straight" / "ckpt.pt"), load(tmp_path / "resumed" / "ckpt.pt")
     assert_same_state(straight, resumed)
     assert torch.equal(straight["scale"], resumed["scale"])
-
-
-def test_nan_loss_raises_and_keeps_the_last_checkpoint(tmp_path):
-    loss_fn, out, on_disk = tiny_diffusion_task(), tmp_path / "run", {}
-
-    def poisoned(net, step, g):
-        loss = loss_fn(net, step, g)
-        if step == 3:                                              # the step-2 checkpoint is on disk
-            on_disk["bytes"] = (out / "ckpt.pt").read_bytes()
-            return loss * float("nan")
-        return loss
-    cfg = TrainConfig(steps=10, batch_size=8, lr=1e-3, warmup=1, ckpt_every=2, log_every=100)
-    with pytest.raises(FloatingPointError, match="non-finite loss"):
-        train_lib.train(tiny_unet(), poisoned, cfg, out)
-    assert (out / "ckpt.pt").read_bytes() == on_disk["bytes"]
-    assert load(out / "ckpt.pt")["step"] == 2
-    assert not list(out.glob("*.tmp"))
-
-
-def test_checkpoint_is_atomic(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    checkpoint(path, {"config": {"a": 1}, "w": torch.ones(3)})
-    before = path.read_bytes()
-
-    def crash_mid_write(obj, f):
-        Path(f).write_bytes(before[:10])                           # a partial file, then the crash
-        raise OSError("disk full")
-    monkeypatch.setattr(torch, "save", crash_mid_write)
-    with pytest.raises(OSError):
-        checkpoint(path, {"config": {"a": 2}, "w": torch.zeros(3)})
-    monkeypatch.undo()
-    assert path.read_bytes() == before
-    assert torch.equal(train_lib.load_checkpoint(path)["w"], torch.ones(3))
 
 
 def test_same_seed_same_base_model_and_samples(mnist_root, tmp_path, monkeypatch):
@@ -823,7 +563,7 @@ def corrupt_ckpt(runs, tmp):
 
 def other_config_ckpt(runs, tmp):
     other = vae.vae_config(DataConfig(), "tiny", steps=7)
-    checkpoint(vae_ckpt(runs), {"config": train_lib._comparable(other), "step": 7})
+    save_cache({"config": comparable(other), "step": 7}, vae_ckpt(runs))
 
 
 def read_only_runs(runs, tmp):

@@ -9,7 +9,7 @@ Why the comparison is exact up to rounding. Step s uses a fixed global batch of 
 
 and gradient clipping, AdamW, the LR schedule and the EMA then see the same numbers in both runs.
 Each step also draws one number from the rank's own generator (not used by the loss), so the
-per-rank generator states that `save()` gathers are observable. The DDP run is interrupted after its
+per-rank generator states that `Checkpoint.save` gathers are observable. The DDP run is interrupted after its
 step-4 checkpoint and resumed, which also exercises loading those states rank by rank.
 
 This file is also the worker: `python tests/test_ddp.py OUT CRASH_AT` (under torchrun or alone)."""
@@ -32,7 +32,8 @@ NO_CRASH = -1                  # crash_at for an uninterrupted run
 # -------------------------------------------------------------------------------------- worker
 def worker(out: Path, crash_at: int):
     import torch.nn.functional as F
-    from train import TrainConfig, distributed, local_batch, train
+    from config import TrainConfig
+    from train import distributed, local_batch, train
     from unet import UNet
 
     rank, world = distributed()

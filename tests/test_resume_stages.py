@@ -114,11 +114,11 @@ def test_a_checkpoint_left_half_written_by_a_killed_process_is_cleaned_up(tmp_pa
     """A `ckpt.pt.<pid>.tmp` whose writer no longer runs goes at the next checkpoint; a live one stays."""
     import os
     import subprocess
-    import train
+    from datafiles import save_cache
     ended = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                                capture_output=True, text=True).stdout)
     stale, live = tmp_path / f"ckpt.pt.{ended}.tmp", tmp_path / f"ckpt.pt.{os.getppid()}.tmp"
     stale.write_bytes(b"half"), live.write_bytes(b"busy")
-    train.checkpoint(tmp_path / "ckpt.pt", {"config": {}, "step": 1})
+    save_cache({"config": {}, "step": 1}, tmp_path / "ckpt.pt")
     assert not stale.exists() and live.exists()
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1

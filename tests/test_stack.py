@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import train as train_lib  # noqa: E402
 from ddpm import DDPMScheduler, drop_labels, noisy_batch  # noqa: E402
 from stack import Stacked, clip_per_arm  # noqa: E402
-from train import TrainConfig  # noqa: E402
+from config import TrainConfig  # noqa: E402
 from unet import UNet  # noqa: E402
 
 SCHED = DDPMScheduler(num_train_timesteps=100)
@@ -68,14 +68,19 @@ def test_three_stacked_arms_train_like_three_lone_runs(tmp_path, mode):
 
 
 def test_a_stacked_run_resumes_to_the_uninterrupted_weights(tmp_path):
-    """Stopped after 3 of 6 steps and resumed (its three generators restored from the checkpoint)."""
+    """Killed after the checkpoint of step 3 of 6 and resumed (its generators restored from the checkpoint)."""
     seeds, weights = [1, 2], torch.ones(2)
     cfg = dict(steps=6, batch_size=8, lr=3e-3, warmup=2, ema_decay=0.9, log_every=3)
     straight = Stacked([tiny_unet(0), tiny_unet(1)])
     train_lib.train(straight, stacked_loss(weights), TrainConfig(**cfg, ckpt_every=6), tmp_path / "a", arm_seeds=seeds)
-    half = Stacked([tiny_unet(0), tiny_unet(1)])
-    train_lib.train(half, stacked_loss(weights), TrainConfig(**{**cfg, "steps": 3}, ckpt_every=3), tmp_path / "b",
-                    arm_seeds=seeds, stage_cfg=TrainConfig(**cfg, ckpt_every=3))
+
+    def killed(net, step, gens):
+        if step == 3:                                              # after the step-3 checkpoint
+            raise KeyboardInterrupt
+        return stacked_loss(weights)(net, step, gens)
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.train(Stacked([tiny_unet(0), tiny_unet(1)]), killed, TrainConfig(**cfg, ckpt_every=3),
+                        tmp_path / "b", arm_seeds=seeds)
     resumed = Stacked([tiny_unet(4), tiny_unet(5)])
     train_lib.train(resumed, stacked_loss(weights), TrainConfig(**cfg, ckpt_every=3), tmp_path / "b", arm_seeds=seeds)
     for p, q in zip(straight.stacked, resumed.stacked):
