@@ -122,7 +122,7 @@ def sample_and_score(pipe, stack, arms, cfg, scenario, num_groups, evaluator, co
         m = evaluate.evaluate_arm(item, evaluator, real)
         p_corr = metrics.corrected_shares(torch.tensor(m["p_hat"]), confusion["reconstructed"])
         m.update(scenario=arm.scenario, ratio=arm.ratio, kind=arm.kind, alpha=arm.alpha, seed=arm.seed,
-                 scale=scale, p_hat_corrected=p_corr.tolist(), FD_corrected=evaluate.fd_half_l1(p_corr).item(),
+                 scale=scale, p_hat_corrected=p_corr.tolist(), FD_corrected=metrics.fd_half_l1(p_corr).item(),
                  confidence=confidence(evaluator, evaluate.pooled_images(item)), C_entropy=c_entropy[a].item())
         m["grid"] = evaluate.pooled_images(item, per_condition=-(-GRID // len(rows)))[:GRID]
         records.append(m)

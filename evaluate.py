@@ -8,36 +8,25 @@ Readers (classifiers trained once on real data, cached in `runs/<dataset>/eval/`
     celeba      group = a gender CNN (0 male, 1 female) trained on the balanced `val` split;
                 class = a `cond_attr` CNN (e.g. Smiling) trained on `val` balanced in that attribute
 
-Fairness. p̂_k = n_k / Σ_j n_j is the share of samples in group k; samples in no group (-1) are
-left out of the counts (their share is reported as `no_group`). u = (1/K, …, 1/K):
+An arm (a dict of uint8 images [N, 3, H, W]: pooled, per requested group, or per class) gets every
+metric its images allow (`evaluate_arm`); the equations are metrics.py's:
+* p̂, FD_half_l1 and FD_l2 with bootstrap 95% CIs, on all its images;
+* SPD, for a model conditioned on the group a. success = the sample is classified as the requested
+  group (for the MNIST datasets also as a confidently recognised digit, softmax ≥ 0.9, any digit);
+* Bias (InvDiff), for class-conditional samples, reported as mean and std (ddof 0) over the classes;
+* FID-C, the Fréchet distance on the penultimate layer of the evaluation CNN (digit CNN for MNIST,
+  gender CNN for CelebA).
 
-    FD_half_l1 = ½ Σ_k |p̂_k − 1/K|     (= |p̂_0 − 0.5| for K = 2; the total variation to uniform)
-    FD_l2      = ‖p̂ − u‖₂               (Choi et al. 2020)
+FID-C's real side is the held-out test set reweighted to the arm's own group share (test image i of
+group g weighs p̂_g / n_g), so FID-C measures image quality and FD the group share: the two axes of
+tradeoff.png, and real training vs real test images is FID-C's floor. (`FID_C_vs_balanced` in
+metrics.json uses the balanced test set as it is, so a wrong share costs it too.) The digit CNN sees
+gray images, so for cmnist the foreground's mean color (3 numbers) is appended, scaled to the same
+total variance on real test images as the CNN features: an off-palette hue costs FID-C. Not
+Inception-FID: never compare the two.
 
-95% CIs by the percentile bootstrap: resample the N group labels with replacement B = 1000 times
-(seeded), recompute p̂ and FD, take the 2.5% and 97.5% quantiles.
-
-SPD, for a model conditioned on the group a. success = the sample is classified as the requested
-group (for the MNIST datasets also as a confidently recognised digit, softmax ≥ 0.9, any digit):
-
-    SPD = max_a P(success | cond = a) − min_a P(success | cond = a)     (= |P_a − P_b| for K = 2)
-
-Bias (InvDiff), for class-conditional samples. Condition p gives n_i samples in group i, N_p = Σ n_i:
-
-    Bias_p = Σ_{i<j} |n_i − n_j| / N_p / (K(K−1)/2),   reported as mean and std (ddof 0) over p
-
-FID-C. The Fréchet distance between Gaussians fitted to classifier features, in float64:
-
-    FID-C = ‖μ₁ − μ₂‖² + tr(S₁ + S₂ − 2 (S₁^½ S₂ S₁^½)^½)
-
-on the penultimate layer of the evaluation CNN (digit CNN for MNIST, gender CNN for CelebA). The real
-side is the held-out test set reweighted to the arm's own group share (test image i of group g weighs
-p̂_g / n_g), so FID-C measures image quality and FD the group share: the two axes of tradeoff.png,
-and real training vs real test images is FID-C's floor. (`FID_C_vs_balanced` in metrics.json uses the
-balanced test set as it is, so a wrong share costs it too.) The digit CNN sees gray images, so for
-cmnist the foreground's mean color (3 numbers) is appended, scaled to the same total variance on
-real test images as the CNN features: an off-palette hue costs FID-C. Not Inception-FID: never
-compare the two.
+`evaluate_arms` writes metrics.json, report.md, tradeoff.png and sample grids;
+`python evaluate.py --run runs/<dataset>/base-<hash>` samples a trained model and evaluates it as one arm.
 """
 import json
 import math
@@ -56,10 +45,10 @@ from tqdm import tqdm
 import datafiles
 from data import COLORS, DataConfig, biased_indices, load
 from config import ConfigError, Parser, check_device, check_writable, parse_bool
+from metrics import bias_score, bootstrap, fd_half_l1, fd_l2, frechet_distance, group_shares, share_weights, spd
 
 FOREGROUND = 0.5         # a pixel whose brightest channel is ≥ this (of 1) belongs to the digit
 CONFIDENT = 0.9          # softmax probability of "a confidently recognised digit"
-N_BOOT = 1000            # bootstrap resamples
 MAX_REFERENCE = 10_000   # real images per split behind the reference features
 BATCH = 1000             # images per classifier forward pass
 EPOCHS = {"digit": 3, "celeba": 15}   # classifier training epochs; get_evaluator(epochs=) overrides
@@ -248,81 +237,6 @@ def get_evaluator(data_cfg: DataConfig, runs_dir="runs", device=None, epochs=Non
         cnn, color = evaluator._digits(test.images)[1], foreground_color(test.images)   # [M, 128], [M, 3]
         evaluator.color_scale = math.sqrt(cnn.var(0).sum() / color.var(0).sum().clamp_min(1e-12))
     return evaluator
-
-
-# ---------------------------------------------------------------------------------------- metrics
-def group_shares(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """groups int64 [N] (-1 = no group, left out) -> p̂ float64 [K]."""
-    counts = torch.bincount(groups[groups >= 0], minlength=num_groups).double()
-    return counts / counts.sum().clamp_min(1)
-
-
-def fd_half_l1(p: torch.Tensor) -> torch.Tensor:
-    """½ Σ_k |p̂_k − 1/K| over the last dim (= |p̂_0 − 0.5| for two groups)."""
-    return 0.5 * (p - 1 / p.shape[-1]).abs().sum(-1)
-
-
-def fd_l2(p: torch.Tensor) -> torch.Tensor:
-    """‖p̂ − u‖₂ over the last dim."""
-    return (p - 1 / p.shape[-1]).norm(dim=-1)
-
-
-def bootstrap(groups, num_groups, n_boot=N_BOOT, seed=0) -> dict:
-    """Percentile-bootstrap 95% CIs: {'p_hat': [K, 2], 'FD_half_l1': [2], 'FD_l2': [2]}."""
-    groups = groups[groups >= 0]
-    n, gen = len(groups), torch.Generator().manual_seed(seed)
-    resampled = groups[torch.randint(max(n, 1), (n_boot, n), generator=gen)]             # [B, N]
-    counts = torch.zeros(n_boot, num_groups, dtype=torch.float64)
-    counts.scatter_add_(1, resampled, torch.ones_like(resampled, dtype=torch.float64))    # [B, K]
-    p = counts / max(n, 1)                                                                # [B, K]
-    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
-    return {"p_hat": p.quantile(q, dim=0).T, "FD_half_l1": fd_half_l1(p).quantile(q), "FD_l2": fd_l2(p).quantile(q)}
-
-
-def spd(success) -> float:
-    """success: one bool tensor per requested group a -> max_a P(success | a) − min_a P(success | a)."""
-    rates = torch.stack([s.double().mean() for s in success])
-    return (rates.max() - rates.min()).item()
-
-
-def bias_score(counts: torch.Tensor) -> float:
-    """InvDiff's Bias_p = Σ_{i<j} |n_i − n_j| / N_p / (K(K−1)/2) for the group counts n [K]."""
-    n, k = counts.double(), len(counts)
-    pairs = (n[:, None] - n[None, :]).abs().triu(1).sum()
-    return (pairs / n.sum().clamp_min(1) / (k * (k - 1) / 2)).item()
-
-
-def moments(f: torch.Tensor, weights=None):
-    """Weighted mean [D] and unbiased weighted covariance [D, D] of features f [N, D], in float64."""
-    f = f.double()
-    w = torch.ones(len(f), dtype=torch.float64) if weights is None else weights.double()
-    w = w / w.sum()                                                                    # [N]
-    mu = w @ f
-    x = f - mu
-    return mu, (x.T * w) @ x / (1 - w.square().sum())
-
-
-def share_weights(groups: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Weights that give group g the share p_g: p_g / n_g for each of its n_g members."""
-    counts = torch.bincount(groups, minlength=len(p)).double()
-    return p.double()[groups] / counts[groups]
-
-
-def frechet_distance(f1: torch.Tensor, f2: torch.Tensor, weights2=None) -> float:
-    """FID between Gaussians fitted to features f1 [N1, D] and f2 [N2, D] (rows of f2 weighted)."""
-    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
-        raise ValueError(f"features must be [N ≥ 2, D] with one D, got {tuple(f1.shape)} and {tuple(f2.shape)}")
-    return frechet_from_moments(*moments(f1), *moments(f2, weights2))
-
-
-def frechet_from_moments(mu1, s1, mu2, s2) -> float:
-    """‖μ₁ − μ₂‖² + tr S₁ + tr S₂ − 2 tr (S₁^½ S₂ S₁^½)^½. The middle matrix is symmetric PSD, so the
-    trace of its square root is Σ √λ of its eigenvalues: two symmetric eigendecompositions, no sqrtm."""
-    lam, vec = torch.linalg.eigh(s1)
-    root1 = vec @ torch.diag(lam.clamp_min(0).sqrt()) @ vec.T                          # S₁^½
-    middle = root1 @ s2 @ root1
-    trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
-    return ((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * trace_root).item()
 
 
 # ------------------------------------------------------------------------------ reference & arms

@@ -1,4 +1,28 @@
-"""Across-seed statistics, confusion correction and the verdict rule of the DDM report (pure functions).
+"""The metrics and statistics, pure functions of tensors: how fair and how good one set of samples is,
+what several seeds say together, and the verdict rule of the DDM report.
+
+Fairness. p̂_k = n_k / Σ_j n_j is the share of samples in group k; samples in no group (-1) are
+left out of the counts (evaluate.py reports their share as `no_group`). u = (1/K, …, 1/K):
+
+    FD_half_l1 = ½ Σ_k |p̂_k − 1/K|     (= |p̂_0 − 0.5| for K = 2; the total variation to uniform)
+    FD_l2      = ‖p̂ − u‖₂               (Choi et al. 2020)
+
+95% CIs by the percentile bootstrap: resample the N group labels with replacement B = 1000 times
+(seeded), recompute p̂ and FD, take the 2.5% and 97.5% quantiles.
+
+SPD, for a model conditioned on the group a, from one bool per sample (success: see evaluate.py):
+
+    SPD = max_a P(success | cond = a) − min_a P(success | cond = a)     (= |P_a − P_b| for K = 2)
+
+Bias (InvDiff), for class-conditional samples. Condition p gives n_i samples in group i, N_p = Σ n_i:
+
+    Bias_p = Σ_{i<j} |n_i − n_j| / N_p / (K(K−1)/2)
+
+The Fréchet distance between Gaussians fitted to features f₁ [N₁, D] and f₂ [N₂, D] (evaluate.py's
+FID-C), in float64, with mean μ and unbiased covariance S (rows of f₂ may be weighted; with w
+normalised to sum 1: μ = Σ_i w_i f_i, S = Σ_i w_i (f_i − μ)(f_i − μ)ᵀ / (1 − Σ_i w_i²)):
+
+    d_F(f₁, f₂) = ‖μ₁ − μ₂‖² + tr(S₁ + S₂ − 2 (S₁^½ S₂ S₁^½)^½)
 
 Seeds. An arm trained at S seeds gives values x_1 … x_S (its FD, p̂, FID-C, …):
 
@@ -36,7 +60,85 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.045, 2.042]
 FID_SLACK = 1.2          # an arm may cost at most 20% FID-C over the plain α = 0 arm
 SE_MARGIN = 2.0          # "lower" means by more than two standard errors of the paired difference
+N_BOOT = 1000            # bootstrap resamples
 
+
+# ------------------------------------------------------------------------------ one set of samples
+def group_shares(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """groups int64 [N] (-1 = no group, left out) -> p̂ float64 [K]."""
+    counts = torch.bincount(groups[groups >= 0], minlength=num_groups).double()
+    return counts / counts.sum().clamp_min(1)
+
+
+def fd_half_l1(p: torch.Tensor) -> torch.Tensor:
+    """½ Σ_k |p̂_k − 1/K| over the last dim (= |p̂_0 − 0.5| for two groups)."""
+    return 0.5 * (p - 1 / p.shape[-1]).abs().sum(-1)
+
+
+def fd_l2(p: torch.Tensor) -> torch.Tensor:
+    """‖p̂ − u‖₂ over the last dim."""
+    return (p - 1 / p.shape[-1]).norm(dim=-1)
+
+
+def bootstrap(groups, num_groups, n_boot=N_BOOT, seed=0) -> dict:
+    """Percentile-bootstrap 95% CIs: {'p_hat': [K, 2], 'FD_half_l1': [2], 'FD_l2': [2]}."""
+    groups = groups[groups >= 0]
+    n, gen = len(groups), torch.Generator().manual_seed(seed)
+    resampled = groups[torch.randint(max(n, 1), (n_boot, n), generator=gen)]             # [B, N]
+    counts = torch.zeros(n_boot, num_groups, dtype=torch.float64)
+    counts.scatter_add_(1, resampled, torch.ones_like(resampled, dtype=torch.float64))    # [B, K]
+    p = counts / max(n, 1)                                                                # [B, K]
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    return {"p_hat": p.quantile(q, dim=0).T, "FD_half_l1": fd_half_l1(p).quantile(q), "FD_l2": fd_l2(p).quantile(q)}
+
+
+def spd(success) -> float:
+    """success: one bool tensor per requested group a -> max_a P(success | a) − min_a P(success | a)."""
+    rates = torch.stack([s.double().mean() for s in success])
+    return (rates.max() - rates.min()).item()
+
+
+def bias_score(counts: torch.Tensor) -> float:
+    """InvDiff's Bias_p = Σ_{i<j} |n_i − n_j| / N_p / (K(K−1)/2) for the group counts n [K]."""
+    n, k = counts.double(), len(counts)
+    pairs = (n[:, None] - n[None, :]).abs().triu(1).sum()
+    return (pairs / n.sum().clamp_min(1) / (k * (k - 1) / 2)).item()
+
+
+def moments(f: torch.Tensor, weights=None):
+    """Weighted mean [D] and unbiased weighted covariance [D, D] of features f [N, D], in float64."""
+    f = f.double()
+    w = torch.ones(len(f), dtype=torch.float64) if weights is None else weights.double()
+    w = w / w.sum()                                                                    # [N]
+    mu = w @ f
+    x = f - mu
+    return mu, (x.T * w) @ x / (1 - w.square().sum())
+
+
+def share_weights(groups: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Weights that give group g the share p_g: p_g / n_g for each of its n_g members."""
+    counts = torch.bincount(groups, minlength=len(p)).double()
+    return p.double()[groups] / counts[groups]
+
+
+def frechet_distance(f1: torch.Tensor, f2: torch.Tensor, weights2=None) -> float:
+    """FID between Gaussians fitted to features f1 [N1, D] and f2 [N2, D] (rows of f2 weighted)."""
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
+        raise ValueError(f"features must be [N ≥ 2, D] with one D, got {tuple(f1.shape)} and {tuple(f2.shape)}")
+    return frechet_from_moments(*moments(f1), *moments(f2, weights2))
+
+
+def frechet_from_moments(mu1, s1, mu2, s2) -> float:
+    """‖μ₁ − μ₂‖² + tr S₁ + tr S₂ − 2 tr (S₁^½ S₂ S₁^½)^½. The middle matrix is symmetric PSD, so the
+    trace of its square root is Σ √λ of its eigenvalues: two symmetric eigendecompositions, no sqrtm."""
+    lam, vec = torch.linalg.eigh(s1)
+    root1 = vec @ torch.diag(lam.clamp_min(0).sqrt()) @ vec.T                          # S₁^½
+    middle = root1 @ s2 @ root1
+    trace_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    return ((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * trace_root).item()
+
+
+# -------------------------------------------------------------------------------------- across seeds
 
 def t975(df: int) -> float:
     return T975[df - 1] if df <= len(T975) else 1.96

@@ -414,13 +414,13 @@ evaluator = evaluate.get_evaluator(data_cfg, RUNS, DEVICE, epochs=1)   # 1 epoch
 print("held-out accuracy of the evaluation readers:", {k: round(v, 4) for k, v in evaluator.accuracies.items()})
 
 train = data.load(pipe.data_cfg, "train")
-p_train = evaluate.group_shares(train.group, 2)
+p_train = metrics.group_shares(train.group, 2)
 samples = pipe.sample(500, seed=0)                      # unconditional: c = ∅, as in the FD scenario
 groups = evaluator.groups(samples)                      # [500]: 0 red, 1 green, -1 no foreground
-p_hat, ci = evaluate.group_shares(groups, 2), evaluate.bootstrap(groups, 2)
-print(f"training data: p(red) = {p_train[0]:.3f}, FD = {evaluate.fd_half_l1(p_train):.3f}")
+p_hat, ci = metrics.group_shares(groups, 2), metrics.bootstrap(groups, 2)
+print(f"training data: p(red) = {p_train[0]:.3f}, FD = {metrics.fd_half_l1(p_train):.3f}")
 print(f"base samples:  p̂(red) = {p_hat[0]:.3f} [95% CI {ci['p_hat'][0, 0]:.3f}, {ci['p_hat'][0, 1]:.3f}], "
-      f"FD = {evaluate.fd_half_l1(p_hat):.3f}; samples in no group: {(groups < 0).sum()}")
+      f"FD = {metrics.fd_half_l1(p_hat):.3f}; samples in no group: {(groups < 0).sum()}")
 show(samples[:48], nrow=16, title="unconditional samples of the base model")
 '''),
     md(r"""
@@ -494,7 +494,7 @@ print(f"done in {time.perf_counter() - start:.0f} s; report: {report_dir / 'repo
 ## 4 · Intervals across seeds, and the verdict
 
 Each cell of the report is the mean over seeds with a 95% $t$-interval, $\bar x \pm t_{0.975,S-1}\,
-\mathrm{sd}/\sqrt S$ (`metrics.seed_summary`); the bootstrap over samples (`evaluate.bootstrap`) is kept
+\mathrm{sd}/\sqrt S$ (`metrics.seed_summary`); the bootstrap over samples (`metrics.bootstrap`) is kept
 per seed in `metrics.json`. The verdict compares arms through their paired differences across seeds and
 is written by `metrics.ddm_verdict`, with its rule fixed before any run:
 """),

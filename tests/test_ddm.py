@@ -10,8 +10,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ddm  # noqa: E402
 import ddpm  # noqa: E402
-import metrics  # noqa: E402
-import train as train_lib  # noqa: E402
 import vae as vae_lib  # noqa: E402
 from unet import UNet  # noqa: E402
 
@@ -160,45 +158,6 @@ def test_rebalanced_pool_draws_both_groups_equally(monkeypatch):
     _, pools = ddm.training_pools(pipe, ddm.DDMConfig(protocol="prior", train_ratios="4:1"), arms)
     assert torch.bincount(group[pools[0]]).tolist() == [16, 4]
     assert torch.bincount(group[pools[1]]).tolist() == [16, 16]
-
-
-def test_seed_interval_matches_its_formula():
-    x = torch.tensor([0.30, 0.34, 0.29, 0.35, 0.32], dtype=torch.float64)
-    s = metrics.seed_summary(x.tolist())
-    se = x.std(correction=1) / 5 ** 0.5
-    assert s["mean"] == pytest.approx(x.mean().item()) and s["se"] == pytest.approx(se.item())
-    assert s["hi"] - s["mean"] == pytest.approx(2.776 * se.item())        # t_{0.975, 4}
-    assert metrics.seed_summary([0.3])["lo"] == 0.3
-
-
-def verdict_arms(fd_alpha, fd_plain, fd_rebalanced, fid_alpha=1.0):
-    row = lambda a, fd, fid: {"alpha": a, "FD": fd, "FD_corrected": fd, "FID_C": fid}
-    return {"plain": row(0.0, fd_plain, [1.0] * len(fd_plain)), "rebalanced": row(0.0, fd_rebalanced, [1.0] * len(fd_plain)),
-            "α=0.1": row(0.1, fd_alpha, [fid_alpha] * len(fd_plain))}
-
-
-def test_verdict_rule_says_does_not_for_arms_of_one_distribution_and_lowers_for_a_clear_case():
-    g = torch.Generator().manual_seed(0)
-    same = lambda: (0.3 + 0.02 * torch.randn(5, generator=g)).tolist()
-    draws = [metrics.ddm_verdict(verdict_arms(same(), same(), same()), "plain", "rebalanced")["lowers"] for _ in range(20)]
-    assert sum(draws) <= 1                                                 # 2-SE against two baselines: rare
-    clear = verdict_arms([0.05, 0.06, 0.04, 0.05, 0.07], [0.30, 0.31, 0.29, 0.32, 0.30], [0.2, 0.21, 0.19, 0.2, 0.22])
-    assert metrics.ddm_verdict(clear, "plain", "rebalanced")["lowers"]
-    assert not metrics.ddm_verdict({**clear, "α=0.1": {**clear["α=0.1"], "FID_C": [2.0] * 5}}, "plain", "rebalanced")["lowers"]
-    beats_plain_only = verdict_arms([0.2] * 4 + [0.21], [0.30, 0.31, 0.29, 0.32, 0.30], [0.1, 0.11, 0.09, 0.1, 0.12])
-    assert not metrics.ddm_verdict(beats_plain_only, "plain", "rebalanced")["lowers"]
-    one_sample = verdict_arms([0.25, 0.25], [0.267, 0.267], [0.267, 0.267])     # each seed moved 1 of 60 samples
-    assert metrics.ddm_verdict(one_sample, "plain", "rebalanced")["lowers"]      # SE_d = 0 without the floor
-    assert not metrics.ddm_verdict(one_sample, "plain", "rebalanced", n_samples=60)["lowers"]
-
-
-def test_confusion_correction_undoes_a_known_reader():
-    """A reader that calls 10% of group 0 'group 1' and 20% of group 1 'group 0': p = (Mᵀ)⁻¹ q."""
-    M = torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float64)
-    p = torch.tensor([0.7, 0.3], dtype=torch.float64)
-    assert torch.allclose(metrics.corrected_shares(M.T @ p, M), p)
-    true, read = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 1, 0, 1, -1])
-    assert torch.allclose(metrics.confusion_matrix(true, read, 2), torch.tensor([[2 / 3, 1 / 3], [0.0, 1.0]], dtype=torch.float64))
 
 
 def test_the_prior_is_trained_on_balanced_data_and_biased_base_on_the_biased_data(monkeypatch):

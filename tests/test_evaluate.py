@@ -1,5 +1,6 @@
-"""Tests for evaluate.py: the metrics against hand-computed values, the readers on synthetic and (when
-FAIRDIFF_DATA points at the data root) real images, and the files evaluate_arms writes.
+"""Tests for evaluate.py: the readers on synthetic and (when FAIRDIFF_DATA points at the data root)
+real images, FID-C on real vs noise images, and the files evaluate_arms writes (the metric equations
+themselves: test_metrics.py).
 
 Synthetic MNIST: a tiny folder in torchvision's MNIST layout where "digit" k is a bar at a
 k-dependent place, so a few training steps learn it and data.load works unchanged."""
@@ -17,9 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's flat modules (data.py, evaluate.py) without installing
 import data  # noqa: E402
 from data import DataConfig, load  # noqa: E402
-from evaluate import (Evaluator, bias_score, bootstrap, evaluate_arm, evaluate_arms, fd_half_l1, fd_l2, format_table,
-                      frechet_distance, frechet_from_moments, get_evaluator, group_shares, moments,
-                      share_weights, spd)
+from evaluate import Evaluator, evaluate_arm, evaluate_arms, format_table, get_evaluator  # noqa: E402
+from metrics import frechet_distance  # noqa: E402
 from idx import write_mnist  # noqa: E402  (tests/idx.py)
 
 torch.set_num_threads(min(4, os.cpu_count() or 1))
@@ -64,108 +64,6 @@ def real_evaluator(tmp_path_factory):
         pytest.skip(NO_MNIST)
     runs = tmp_path_factory.mktemp("runs_real")
     return get_evaluator(DataConfig(dataset="cmnist", data_root=REAL_ROOT), runs, "cpu"), runs
-
-
-# ------------------------------------------------------------------------------- fairness metrics
-def labels_with_shares(*counts):
-    return torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
-
-
-def test_fd_two_groups_is_0_30_for_shares_0_8_0_2():
-    p = group_shares(labels_with_shares(800, 200), 2)
-    assert p.tolist() == pytest.approx([0.8, 0.2])
-    assert fd_half_l1(p).item() == pytest.approx(0.30)
-    assert fd_l2(p).item() == pytest.approx(0.30 * math.sqrt(2))
-    assert fd_half_l1(group_shares(labels_with_shares(500, 500), 2)).item() == pytest.approx(0.0)
-
-
-def test_fd_three_groups_by_hand():
-    p = group_shares(labels_with_shares(500, 300, 200), 3)
-    # ½(|.5-1/3| + |.3-1/3| + |.2-1/3|) = ½(5/30 + 1/30 + 4/30) = 1/6
-    assert fd_half_l1(p).item() == pytest.approx(1 / 6)
-    # sqrt((5/30)² + (1/30)² + (4/30)²) = sqrt(42)/30
-    assert fd_l2(p).item() == pytest.approx(math.sqrt(42) / 30)
-    # all in one group: total variation 1 - 1/K
-    assert fd_half_l1(torch.tensor([1.0, 0.0, 0.0])).item() == pytest.approx(2 / 3)
-
-
-def test_group_shares_leave_out_no_group():
-    groups = torch.cat([labels_with_shares(80, 20), torch.full((50,), -1)])
-    assert group_shares(groups, 2).tolist() == pytest.approx([0.8, 0.2])
-
-
-def test_spd_on_hand_made_success_tables():
-    a = torch.tensor([1, 1, 1, 0], dtype=torch.bool)        # P(success | a) = 0.75
-    b = torch.tensor([1, 0, 0, 0], dtype=torch.bool)        # P(success | b) = 0.25
-    assert spd([a, b]) == pytest.approx(0.5)
-    assert spd([b, a]) == pytest.approx(0.5)
-    rates = [torch.arange(10) < r for r in (9, 5, 7)]        # 0.9, 0.5, 0.7: max - min
-    assert spd(rates) == pytest.approx(0.4)
-    assert spd([a, a]) == 0
-
-
-def test_bias_score_by_hand():
-    # (|6-2| + |6-2| + |2-2|) / 10 / 3
-    assert bias_score(torch.tensor([6, 2, 2])) == pytest.approx(8 / 30)
-    # K = 2: |n0 - n1| / N = 2 · FD_half_l1
-    assert bias_score(torch.tensor([8, 2])) == pytest.approx(0.6)
-    assert bias_score(torch.tensor([5, 5, 5])) == 0
-
-
-def test_bootstrap_ci_covers_true_share():
-    """200 datasets of 400 labels with P(group 0) = 0.3: the 95% CI covers 0.3 in ≥ 90% of them
-    (measured: 0.97)."""
-    gen = torch.Generator().manual_seed(0)
-    covered = 0
-    for trial in range(200):
-        groups = (torch.rand(400, generator=gen) >= 0.3).long()
-        lo, hi = bootstrap(groups, 2, seed=trial)["p_hat"][0].tolist()
-        covered += lo <= 0.3 <= hi
-    assert covered / 200 >= 0.90
-
-
-def test_bootstrap_ci_brackets_estimate_and_fd():
-    groups = labels_with_shares(700, 300)
-    ci = bootstrap(groups, 2)
-    assert ci["p_hat"][0, 0] < 0.7 < ci["p_hat"][0, 1]
-    assert ci["FD_half_l1"][0] < 0.2 < ci["FD_half_l1"][1]
-    assert ci["FD_l2"][0] < 0.2 * math.sqrt(2) < ci["FD_l2"][1]
-
-
-# ------------------------------------------------------------------------------------------ FID-C
-def test_fid_of_a_set_with_itself_is_zero():
-    f = torch.randn(500, 16, generator=torch.Generator().manual_seed(0))
-    assert abs(frechet_distance(f, f)) < 1e-6
-
-
-def test_fid_of_diagonal_gaussians_matches_closed_form():
-    mu1, mu2 = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 0.0])
-    a, b = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 1.0, 1.0])
-    exact = ((mu1 - mu2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum()          # 5 + 1 + 1 + 4 = 11
-    d = lambda v: torch.diag(v).double()
-    assert frechet_from_moments(mu1.double(), d(a), mu2.double(), d(b)) == pytest.approx(exact.item())
-    gen = torch.Generator().manual_seed(0)
-    f1 = mu1 + a.sqrt() * torch.randn(200_000, 3, generator=gen)
-    f2 = mu2 + b.sqrt() * torch.randn(200_000, 3, generator=gen)
-    assert frechet_distance(f1, f2) == pytest.approx(exact.item(), abs=0.1)
-
-
-def test_fid_trace_term_for_non_commuting_covariances():
-    """tr (S1^½ S2 S1^½)^½ = Σ √λ(S1 S2): checked against the eigenvalues of the plain product."""
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(2, 5, 5, generator=gen, dtype=torch.float64)
-    s1, s2 = x @ x.T + 0.1 * torch.eye(5), y @ y.T + 0.1 * torch.eye(5)
-    trace_root = torch.linalg.eigvals(s1 @ s2).real.clamp_min(0).sqrt().sum()
-    expected = (s1.trace() + s2.trace() - 2 * trace_root).item()
-    zero = torch.zeros(5, dtype=torch.float64)
-    assert frechet_from_moments(zero, s1, zero, s2) == pytest.approx(expected, rel=1e-8)
-
-
-def test_share_weights_move_the_reference_to_the_requested_share():
-    groups = labels_with_shares(50, 50)
-    f = torch.cat([torch.zeros(50, 2), torch.ones(50, 2)])             # group 0 at 0, group 1 at 1
-    mu, _ = moments(f, share_weights(groups, torch.tensor([0.8, 0.2])))
-    assert mu.tolist() == pytest.approx([0.2, 0.2])
 
 
 def test_fid_c_real_far_below_noise_synthetic(fake_evaluator, fake_root):
