@@ -43,8 +43,8 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 import datafiles
-from data import COLORS, DataConfig, biased_indices, load
-from config import ConfigError, Parser, check_device, check_writable, parse_bool
+from data import COLORS, DOWNLOAD, DataConfig, biased_indices, load
+from config import ConfigError, Parser, check_device, check_writable
 from metrics import bias_score, bootstrap, fd_half_l1, fd_l2, frechet_distance, group_shares, share_weights, spd
 
 FOREGROUND = 0.5         # a pixel whose brightest channel is ≥ this (of 1) belongs to the digit
@@ -425,7 +425,8 @@ def main(argv=None):
     p.add_argument("--runs-dir", default="runs", help="where the evaluation classifiers are cached")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--data-root", default=None, help="the data root (default: the run's, else $FAIRDIFF_DATA)")
-    p.add_argument("--download", type=parse_bool, default=None, help="fetch absent MNIST files (true/false)")
+    p.add_argument("--download", choices=DOWNLOAD, default=None,
+                   help="auto: fetch MNIST when none of its files is there (default); true: whatever is missing; false: never")
     try:
         a = p.parse_args(argv)
         run = Path(a.run)

@@ -59,8 +59,9 @@ import invdiff_report
 import vae as vae_lib
 from ddm import parse_list
 from stack import Stacked
-from train import (ConfigError, TrainConfig, check_train_config, config_hash, explicit_flags, main_guard,
-                   parse_config, runtime_flags, train)
+from config import (ConfigError, TrainConfig, check_train_config, config_hash, device_name, explicit_flags,
+                    main_guard, parse_config, runtime_flags)
+from train import train
 from unet import UNet
 
 ENV_LOSSES = ("authors", "eps-grid", "eps-window")
@@ -406,7 +407,7 @@ def run_experiment(cfg: InvDiffConfig, pipe: ddpm.Pipeline, runs, preset, fresh=
             for arm, x in zip(arms, images):
                 evaluate_images(x, arm=arm.name, seed=arm.seed, r=r, scale=scale)
     extra = {"config": asdict(cfg), "base_run": str(pipe.run_dir), "arm_run": str(run), "preset": preset,
-             "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else "cpu",
+             "device": device_name(device),
              "classifiers": dict(evaluator.accuracies), "seconds": time.perf_counter() - start}
     return invdiff_report.write_report(out, cfg, table, results, grids, run / "log.jsonl", arms,
                                        C * cfg.samples_per_class, extra)

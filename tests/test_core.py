@@ -391,7 +391,7 @@ def test_dataset_errors_name_the_value(mnist_root, tmp_path):
                          (DataConfig(n_train=-1, data_root=root), "--n-train -1"),
                          (DataConfig(colors="red,teal", data_root=root), "unknown color 'teal'"),
                          (DataConfig(n_train=5000, data_root=root), "--n-train 5000"),
-                         (DataConfig(data_root=str(tmp_path)), "MNIST not found")]:
+                         (DataConfig(data_root=str(tmp_path), download="false"), "MNIST not found")]:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             data.load(cfg, "train")
 
@@ -573,7 +573,7 @@ def read_only_runs(runs, tmp):
 
 BAD_INPUT = [  # id, script, args, env (None = the synthetic data root), setup, what stderr must name
     ("unknown-dataset", "vae.py", ["--dataset", "svhn"], None, None, "unknown dataset 'svhn'"),
-    ("missing-data-root", "ddpm.py", ["--dataset", "cmnist"], "empty", None, "MNIST not found"),
+    ("missing-data-root", "ddpm.py", ["--dataset", "cmnist", "--download", "false"], "empty", None, "MNIST not found"),
     ("bias-above-1", "ddpm.py", ["--dataset", "cmnist", "--bias", "1.5"], None, None, "--bias 1.5"),
     ("negative-steps", "ddpm.py", ["--dataset", "cmnist", "--steps", "-5"], None, None, "--steps -5"),
     ("unknown-beta-schedule", "ddpm.py", ["--dataset", "cmnist", "--beta-schedule", "quadratic"], None, None,

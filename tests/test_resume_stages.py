@@ -1,8 +1,9 @@
-"""DDM's stacked fine-tune and InvDiff's guidance module, killed at a (seeded) random step and rerun,
+"""DDM's stacked fine-tune and InvDiff's stacked guidance modules, killed at a (seeded) random step and rerun,
 end with the weights of the run that was never interrupted (bit for bit, on the CPU)."""
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -79,22 +80,22 @@ def test_ddm_stacked_finetune_resumes_to_the_uninterrupted_weights(tmp_path, mon
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_invdiff_module_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+def test_invdiff_arms_resume_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """Two stacked guidance modules (inferred λ = 1 at seed 0, erm at seed 1), killed and resumed."""
     base_cfg = ddpm.base_config(DataConfig(), "tiny")
     torch.manual_seed(0)
     base = UNet(4, (16, 32), 1, 10, 8)
-    scheduler = ddpm.build_scheduler(base_cfg, "ddpm")
+    torch.nn.init.normal_(base.out[-1].weight, std=0.1)
+    pipe = SimpleNamespace(unet=base, cfg=base_cfg, device="cpu")
     g = torch.Generator().manual_seed(2)
     z0, label = torch.randn(64, 4, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
-    W = torch.rand(64, 2, generator=g)
-    W = W / W.sum(1, keepdim=True)
-    cfg = invdiff.ArmConfig(**{**invdiff.PRESETS["tiny"], "steps": STEPS, "ckpt_every": CKPT_EVERY, "arm": "invdiff"})
+    W = invdiff.project_rows(torch.rand(64, 2, generator=g))
+    arms = [invdiff.Arm("inferred", 1.0, 0), invdiff.Arm("erm", 0.0, 1)]
+    envs = [W, torch.nn.functional.pad(torch.ones(64, 1), (0, 1))]
+    cfg = invdiff.InvDiffConfig(**{**invdiff.PRESETS["tiny"], "steps": STEPS, "ckpt_every": CKPT_EVERY})
 
     def run(out):
-        torch.manual_seed(3)
-        module = invdiff.build_module(base_cfg, 10)
-        invdiff.train_module(base, module, scheduler, z0, label, W, cfg, out)
-        return module
+        return invdiff.train_arms(pipe, cfg, arms, envs, z0, label, out)
     straight = run(tmp_path / "straight")
     with monkeypatch.context() as m:
         m.setattr(invdiff, "invariance_loss", killing(invdiff.invariance_loss, kill_step("invdiff")))
@@ -106,8 +107,9 @@ def test_invdiff_module_resumes_to_the_uninterrupted_weights(tmp_path, monkeypat
         m.setattr(invdiff, "invariance_loss", counting(invdiff.invariance_loss, calls))
         resumed = run(tmp_path / "resumed")
     assert 0 < saved and len(calls) == STEPS - saved                # resumed from the checkpoint, not restarted
-    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), k
+    assert not torch.equal(straight.stacked[-1][0], straight.stacked[-1][1])    # the two arms differ
+    for a, b in zip(straight.stacked, resumed.stacked):
+        assert torch.equal(a, b)
 
 
 def test_a_checkpoint_left_half_written_by_a_killed_process_is_cleaned_up(tmp_path):
