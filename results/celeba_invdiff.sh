@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# The earlier configuration (a marginal bias, a ¼-width module, K = 2, the ε-loss, r = 0.8 in training
+# and sampling): run it with the code of commit 7df36e3 (git checkout 7df36e3); today's invdiff.py
+# defaults to the authors' configuration (results/cmnist_invdiff_authors.sh).
 # Reproduces results/celeba/invdiff/ (convex guidance) and results/celeba/invdiff-additive/: InvDiff on
 # CelebA-64 with condition Smiling and bias Male (never given to any stage), training cells
 # smiling men : smiling women : other men : other women = 1:4:4:1 (invdiff.py's CelebA default),
