@@ -169,7 +169,7 @@ def diffusion_loss(model, scheduler, z0, cond, generator):
 
 @torch.inference_mode()
 def sample_latents(model, scheduler, n, shape, *, cond=None, guidance_scale=1.0, generator=None,
-                   device="cpu", batch_size=1000, null_class=None):
+                   device="cpu", batch_size=1000, null_class=None, autocast=True):
     """z_T ~ N(0, I) -> scheduler.step ... -> z_0, for n latents of `shape` [c, h, w].
 
     model(z, t, cond) -> output; cond [n] int or None (∅). With guidance_scale s ≠ 1 and a cond,
@@ -194,7 +194,7 @@ def sample_latents(model, scheduler, n, shape, *, cond=None, guidance_scale=1.0,
         for t in scheduler.timesteps.tolist():
             z_in = torch.cat([z, z], dim=batch_dim) if guided else z
             t_in = torch.full(z_in.shape[:z_in.dim() - len(shape)], t, device=device, dtype=torch.long)   # [(A,) b]
-            with torch.autocast("cuda", torch.bfloat16, enabled=str(device).startswith("cuda")):
+            with torch.autocast("cuda", torch.bfloat16, enabled=autocast and str(device).startswith("cuda")):
                 output = model(z_in, t_in, c).float()
             if guided:
                 cond_out, null_out = output.chunk(2, dim=batch_dim)
@@ -284,15 +284,17 @@ class Pipeline:
         unet.eval()
 
     def sample_latents(self, n, cond=None, seed=0, steps=None, sampler="ddim", eta=0.0,
-                       guidance_scale=1.0, model=None, batch_size=1000):
-        """seed: an int, or one per arm (a list) for a stacked model (see sample_latents)."""
+                       guidance_scale=1.0, model=None, batch_size=1000, autocast=True):
+        """seed: an int, or one per arm (a list) for a stacked model (see sample_latents); autocast
+        False keeps a CUDA model in float32 (as a stacked model always runs)."""
         scheduler = build_scheduler(self.cfg, sampler, eta)
         scheduler.set_timesteps(steps or (self.cfg.sample_steps if sampler == "ddim" else self.cfg.num_train_timesteps))
         gens = [torch.Generator(self.device).manual_seed(s) for s in (seed if isinstance(seed, list) else [seed])]
         model = model if model is not None else self.unet
         return sample_latents(model, scheduler, n, self.latent_shape, cond=cond, guidance_scale=guidance_scale,
                               generator=gens if isinstance(seed, list) else gens[0], device=self.device,
-                              batch_size=batch_size, null_class=getattr(model, "num_classes", self.unet.num_classes))
+                              batch_size=batch_size, null_class=getattr(model, "num_classes", self.unet.num_classes),
+                              autocast=autocast)
 
     @torch.inference_mode()
     def decode(self, z0, batch_size=1000):

@@ -6,15 +6,8 @@ color with probability ρ; CelebA: Smiling × Male cells 1:2:2:1), then frozen. 
 only the environment table, the oracle arms and the evaluation read it. Defaults follow the authors'
 released scripts; where they differ from the paper or are ambiguous, the choice is named.
 
-1. Environments without annotations (the "max" step). A per-image loss of the frozen model,
-       authors     ℓ_i = ‖ε̂_θ(z_t, t, c_i) − z_0,i‖²       one t ~ U{0..T−1}, one ε per image: their code
-                                                            compares ε̂ with the clean latent, not with ε
-       eps-grid    ℓ_i = (1/M) Σ_m ‖ε̂_θ(z_{t_m}, t_m, c_i) − ε_m‖² / mean_j ‖…‖²,  t_m = (m + ½)·T/M
-       eps-window  ℓ_i = (1/M) Σ_m ‖ε̂_θ(z_{t_m}, t_m, c_i) − ε_m‖²,  t_m ~ U[lo, hi)  (`--env-window`)
-   (‖·‖² the mean over latent elements), then soft memberships W ∈ Δ^K, one row per image,
-       R_k = Σ_i w_ik ℓ_i / Σ_i w_ik,      max_W  std_k R_k + β · min_ik w_ik ℓ_i      (K = 8, β = 3)
-   by Adam (lr 0.01, 500 full-batch steps, W₀ ~ U(0, 1)), after each step clamping W at 0 and
-   renormalising its rows (the authors' projection; the β term keeps every entry away from zero).
+1. Environments without annotations (the "max" step, environments.py): soft memberships W ∈ Δ^K that
+   maximise the spread std_k R_k of the frozen model's per-image losses over environments.
 
 2. Guidance module G_ψ(z_t, t, c): a copy of the frozen base with its output conv zeroed (the authors';
    `--module small`: a fresh UNet at `--module-width` of the base's channels). Mixed with ε_θ as
@@ -22,19 +15,26 @@ released scripts; where they differ from the paper or are ambiguous, the choice 
    trained at r = 0.5 and sampled at r ∈ {0.5, 0.8}: the authors' training script never passes its
    ratio on, so its wrapper's 0.5 applies there, while their sampling script passes 0.8. If training
    reaches 0.5·G + 0.5·ε_θ = ε*, sampling at 0.8 gives ε_θ + 1.6·(ε* − ε_θ): the correction extrapolated.
+   The zeroed copy starts at ε̃ = ε_θ / 2, so every trained arm, ERM included, first has to learn ε_θ
+   back. Training follows the authors' optimiser: AdamW lr 1e-4, weight decay 1e-2, batch 64, cosine
+   schedule after a warm-up of a tenth of the steps, clipping at norm 1, no EMA, no label dropout (∅ is
+   never trained: the CFG pass at ∅ uses G_ψ's copy of the base's ∅ row); their 10,000 steps on Stable
+   Diffusion become 1,000 (`small`) or 4,000 (`full`) here.
 
 3. Invariance objective (the "min" step) on the biased training data, with fixed rows of W:
        ℓ_i = ‖ε̃_i − ε_i‖²,   L = mean_k R_k + λ · Var_k R_k      (unbiased variance over the environments
    with weight in the batch, as the authors' code). Its weight on image i is
        ∂L/∂ℓ_i = Σ_k (w_ik / S_k) · (1/K + 2λ (R_k − R̄) / (K − 1)),    S_k = Σ_i w_ik,
    so with equal-size environments and λ = 0 every image weighs 1/N: plain ERM. λ alone tilts the
-   weights, and at large λ some turn negative (invdiff_report.effective_weights shows where).
+   weights, and at large λ some turn negative (invdiff_report.effective_weights shows where, for the
+   whole training set; a batch of 64 estimates each R_k from a few images, so its tilt is noisier).
 
 4. Arms, all trained as one stacked model (stack.py) from the same batches per seed: base (frozen, no
    module) · erm (one environment: uniform weights) · inferred at λ ∈ {0, 1, 10, 100} · random (W's rows
-   shuffled over images: same sizes, no information; λ = 1) · oracle (one-hot true cells c × y, the
-   upper bound; λ = 0, which is group-balanced ERM with the labels, and λ = 1). Seeds are an axis: each
-   seed infers its own environments, draws its own batches and sampling noise, shared by its arms.
+   shuffled among the images of each class: the same sizes and class mix, no other information; λ = 1)
+   · oracle (one-hot true cells c × y, the upper bound; λ = 0, which is cell-balanced ERM with the
+   labels, and λ = 1). Seeds are an axis: each seed infers its own environments, draws its own batches
+   and sampling noise, shared by its arms (and by the base at that seed).
 
 5. Guided sampling: DDIM with ε̃ in both passes of classifier-free guidance at s ∈ {2, 7.5},
        ε̃_cfg = ε̃(z_t, t, ∅) + s · (ε̃(z_t, t, c) − ε̃(z_t, t, ∅)).
@@ -58,13 +58,13 @@ import evaluate
 import invdiff_report
 import vae as vae_lib
 from ddm import parse_list
+from environments import ENV_LOSSES, infer_environments, per_sample_losses
 from stack import Stacked
 from config import (ConfigError, TrainConfig, check_train_config, config_hash, device_name, explicit_flags,
                     main_guard, parse_config, runtime_flags)
 from train import train
 from unet import UNet
 
-ENV_LOSSES = ("authors", "eps-grid", "eps-window")
 MODULES = ("copy", "small")
 FORMS = ("convex", "additive")
 KINDS = ("base", "erm", "inferred", "random", "oracle")
@@ -102,16 +102,22 @@ class InvDiffConfig(data.DataConfig, TrainConfig):
     eval_epochs: int = 0             # evaluation classifiers' epochs (0 = evaluate.py's defaults)
     report: str = ""                 # report folder (default runs/<dataset>/invdiff-<config>)
     train_only: bool = False         # train the arms, skip sampling and the report
+    # the authors' optimiser for G_ψ (see 2.); the tiny preset overrides lr and batch size
+    lr: float = 1e-4
+    batch_size: int = 64
+    weight_decay: float = 1e-2
+    lr_schedule: str = "cosine"
+    ema_decay: float = 0.0           # no EMA
+    p_uncond: float = 0.0            # label dropout while G_ψ trains (the authors': none)
 
 
 PRESETS = {
     # tiny: two seeds, λ ∈ {0, 1}, few samples, DDIM-10: the whole run takes minutes on a CPU
     "tiny": dict(steps=150, batch_size=32, lr=1e-3, warmup=20, ckpt_every=150, seeds="0,1", lams="0,1",
                  env_iters=100, samples_per_class=10, guidance_scales="2", sample_steps=10, eval_epochs=1),
-    # GPU: 24 stacked arms (8 per seed) of batch 64 per step
-    "small": dict(steps=1000, batch_size=64, lr=1e-4, warmup=100, ckpt_every=500, ema_decay=0.999),
-    "full": dict(steps=4000, batch_size=128, lr=1e-4, warmup=200, ckpt_every=1000, ema_decay=0.999,
-                 samples_per_class=100),
+    # GPU: 24 stacked arms (8 per seed) of batch 64 per step; the optimiser is the dataclass default
+    "small": dict(steps=1000, warmup=100, ckpt_every=500),
+    "full": dict(steps=4000, warmup=400, ckpt_every=1000, samples_per_class=100),
 }
 SAMPLING_ONLY = ("stage", "table_losses", "table_envs", "sample_ratios", "samples_per_class", "guidance_scales",
                  "sample_steps", "eval_epochs", "report", "train_only")
@@ -143,8 +149,13 @@ def check(cfg: InvDiffConfig):
     if not set(cfg.table_losses.split(",")) <= set(ENV_LOSSES):
         raise ConfigError(f"--table-losses {cfg.table_losses!r}: choose from {','.join(ENV_LOSSES)}")
     lo_hi = parse_list(cfg, "env_window", int)
-    if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1]:
-        raise ConfigError(f"--env-window {cfg.env_window!r}: two timesteps lo,hi with 0 <= lo < hi, e.g. 0,250")
+    if len(lo_hi) != 2 or not 0 <= lo_hi[0] < min(lo_hi[1], 1000):
+        raise ConfigError(f"--env-window {cfg.env_window!r}: two timesteps lo,hi with 0 <= lo < hi and lo < 1000, e.g. 0,250")
+    if "inferred" in cfg.kinds and cfg.lam not in parse_list(cfg, "lams"):
+        raise ConfigError(f"--lam {cfg.lam:g} must be one of --lams {cfg.lams}: the verdict reads the inferred "
+                          "arm at --lam beside the random and oracle arms")
+    if "base" not in cfg.kinds.split(","):
+        raise ConfigError(f"--kinds {cfg.kinds!r}: include base, the arm every verdict is read against")
     for flag, smallest in (("seeds", 0), ("table_envs", 1)):
         if not parse_list(cfg, flag, int) or min(parse_list(cfg, flag, int)) < smallest:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)!r}: integers >= {smallest}")
@@ -155,75 +166,12 @@ def check(cfg: InvDiffConfig):
                                   ("env-iters", cfg.env_iters, 0), ("env-beta", cfg.env_beta, 0),
                                   ("samples-per-class", cfg.samples_per_class, 2),
                                   ("sample-steps", cfg.sample_steps, 1), ("lam", cfg.lam, 0),
-                                  ("train-ratio", cfg.train_ratio, 0)):
+                                  ("train-ratio", cfg.train_ratio, 0), ("p-uncond", cfg.p_uncond, 0)):
         if value < smallest:
             raise ConfigError(f"--{flag} {value} must be >= {smallest}")
     if not 0 < cfg.module_width <= 1:
         raise ConfigError(f"--module-width {cfg.module_width} must be in (0, 1]")
     check_train_config(cfg)
-
-
-# ------------------------------------------------------------------ 1. environment inference (max)
-@torch.inference_mode()
-def per_sample_losses(base, scheduler, z0, label, *, form="authors", draws=8, window=(0, 250),
-                      generator=None, batch=1000, normalise=True) -> torch.Tensor:
-    """ℓ_i [N] of the frozen model on latents z0 [N, c, h, w] with conditions label [N] (see 1.);
-    normalise=False keeps eps-grid's raw ε-loss (the objective's ℓ_i at ε̃ = ε_θ, t on a grid)."""
-    N, T, device = len(z0), scheduler.num_train_timesteps, z0.device
-
-    def loss(t, noise, target):                      # t [N], noise / target [N, c, h, w] -> [N]
-        out = []
-        for s in range(0, N, batch):
-            z_t = scheduler.add_noise(z0[s:s + batch], noise[s:s + batch], t[s:s + batch])
-            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-                pred = base(z_t, t[s:s + batch], label[s:s + batch]).float()
-            eps_hat = scheduler.split_output(pred, t[s:s + batch], z_t)[1]     # ε̂ (also for v-prediction)
-            out.append((eps_hat - target[s:s + batch]).square().mean((1, 2, 3)))
-        return torch.cat(out)
-
-    def noise():
-        return torch.randn(z0.shape, generator=generator, device=device)       # [N, c, h, w]
-
-    if form == "authors":
-        return loss(torch.randint(0, T, (N,), generator=generator, device=device), noise(), z0)
-    per_draw = []
-    for m in range(draws):
-        if form == "eps-grid":
-            t = torch.full((N,), int((m + 0.5) * T / draws), device=device)
-        else:
-            t = torch.randint(window[0], min(window[1], T), (N,), generator=generator, device=device)
-        eps = noise()
-        l_m = loss(t, eps, eps)                                                # [N]
-        per_draw.append(l_m / l_m.mean() if form == "eps-grid" and normalise else l_m)       # grid: each t weighs the same
-    return torch.stack(per_draw).mean(0)                                       # [N]
-
-
-def project_rows(W: torch.Tensor) -> torch.Tensor:
-    """Onto the simplex the authors' way: clamp at 0, renormalise each row (an all-zero row -> uniform)."""
-    W = W.clamp(min=0)
-    s = W.sum(1, keepdim=True)
-    return torch.where(s > 0, W / s.clamp_min(1e-30), 1 / W.shape[1])
-
-
-def infer_environments(losses, K=8, iters=500, lr=0.01, beta=3.0, generator=None) -> torch.Tensor:
-    """W [N, K], rows on the simplex, maximising std_k R_k + β·min_ik w_ik ℓ_i."""
-    losses = losses.float().clone()                                            # a normal tensor (not inference mode)
-    W = torch.rand((len(losses), K), generator=generator, device=losses.device).requires_grad_()
-    opt = torch.optim.Adam([W], lr=lr)
-    for _ in range(iters):
-        weighted = W * losses[:, None]                                         # [N, K]
-        R = weighted.sum(0) / W.sum(0).clamp_min(1e-12)                       # [K]
-        opt.zero_grad(set_to_none=True)
-        (-R.std() - beta * weighted.min()).backward()
-        opt.step()
-        with torch.no_grad():
-            W.copy_(project_rows(W))
-    return project_rows(W.detach())
-
-
-def oracle_cells(label, group, num_groups: int) -> torch.Tensor:
-    """One-hot true cells c × y: [N, C·G] (four for CelebA's Smiling × Male, twenty for cmnist)."""
-    return nn.functional.one_hot(label * num_groups + group, int(label.max() + 1) * num_groups).float()
 
 
 # -------------------------------------------------------------------------- 2. guidance module G_ψ
@@ -265,11 +213,16 @@ def invariance_loss(losses, W, lam=1.0) -> torch.Tensor:
     single one): losses [..., B], W [..., B, K], λ a number or [...] -> [...]. Masks, not indexing,
     so a CUDA graph can capture it."""
     R = environment_risks(losses, W)                                            # [..., K]
-    carry = (W.sum(-2) > 0).to(R.dtype)                                         # [..., K] 1 = has weight
-    n = carry.sum(-1)
-    mean = (R * carry).sum(-1) / n
-    variance = ((R - mean[..., None]).square() * carry).sum(-1) / (n - 1).clamp(min=1)
+    has_weight = (W.sum(-2) > 0).to(R.dtype)                                    # [..., K]
+    n = has_weight.sum(-1)
+    mean = (R * has_weight).sum(-1) / n
+    variance = ((R - mean[..., None]).square() * has_weight).sum(-1) / (n - 1).clamp(min=1)
     return mean + lam * variance
+
+
+def oracle_cells(label, group, num_groups: int) -> torch.Tensor:
+    """One-hot true cells c × y: [N, C·G] (four for CelebA's Smiling × Male, twenty for cmnist)."""
+    return nn.functional.one_hot(label * num_groups + group, int(label.max() + 1) * num_groups).float()
 
 
 def sweep_arms(cfg: InvDiffConfig) -> list:
@@ -282,9 +235,19 @@ def sweep_arms(cfg: InvDiffConfig) -> list:
     return arms
 
 
-def arm_environments(arms, inferred: dict, cells) -> list:
+def shuffle_within(label, generator) -> torch.Tensor:
+    """A permutation of the N images that maps each image to one of its own class: [N]."""
+    order = torch.empty_like(label)
+    for c in label.unique():
+        members = (label == c).nonzero().squeeze(1)
+        order[members] = members[torch.randperm(len(members), generator=generator).to(label.device)]
+    return order
+
+
+def arm_environments(arms, inferred: dict, cells, label) -> list:
     """W of every arm, [N, K_max] (zero columns pad the arms with fewer environments); one tensor per
-    distinct W, shared by the arms that use it. inferred: seed -> W."""
+    distinct W, shared by the arms that use it. inferred: seed -> W; the random arm's rows are
+    shuffled within each class (label [N])."""
     K_max = max([cells.shape[1], *(W.shape[1] for W in inferred.values())])
 
     def pad(W):
@@ -292,7 +255,7 @@ def arm_environments(arms, inferred: dict, cells) -> list:
 
     shared = {("oracle", None): pad(cells), ("erm", None): pad(torch.ones_like(cells[:, :1]))}
     for seed, W in inferred.items():
-        shuffle = torch.randperm(len(W), generator=torch.Generator().manual_seed(seed)).to(W.device)
+        shuffle = shuffle_within(label, torch.Generator().manual_seed(seed))
         shared["inferred", seed], shared["random", seed] = pad(W), pad(W[shuffle])
     return [shared[arm.kind, None if arm.kind in ("erm", "oracle") else arm.seed] for arm in arms]
 
@@ -308,7 +271,7 @@ def train_arms(pipe, cfg: InvDiffConfig, arms, envs, z0, label, out) -> Stacked:
     def draw(W, gen):                                    # one arm's batch, as a lone run would draw it
         idx = torch.randint(len(z0), (cfg.batch_size,), generator=gen, device=device)
         z_t, t, noise = ddpm.noisy_batch(scheduler, z0[idx], gen)
-        cond = ddpm.drop_labels(label[idx], base.num_classes, pipe.cfg.p_uncond, gen)
+        cond = ddpm.drop_labels(label[idx], base.num_classes, cfg.p_uncond, gen)
         return z_t, t, cond, scheduler.target(z0[idx], noise, t), W[idx]
 
     def loss_fn(net, step, gens):
@@ -318,7 +281,7 @@ def train_arms(pipe, cfg: InvDiffConfig, arms, envs, z0, label, out) -> Stacked:
 
     stats = train(stack, loss_fn, cfg, out, device=device, desc=f"invdiff ({len(arms)} arms)",
                   arm_seeds=[arm.seed for arm in arms])
-    if stats["img_per_s"] == stats["img_per_s"]:                                             # not NaN: trained now
+    if not math.isnan(stats["img_per_s"]):                                                   # NaN: reused
         print(f"{len(arms)} arms, {stats['step']} steps in {stats['seconds']:.0f}s "
               f"({stats['img_per_s']:.0f} img/s over all arms)")
     return stack.eval()
@@ -340,7 +303,8 @@ def sample_stacked(pipe, stack, arms, cfg, r: float, scale: float) -> torch.Tens
 def sample_base(pipe, cfg, seed: int, scale: float) -> torch.Tensor:
     C, n = pipe.unet.num_classes, cfg.samples_per_class
     cond = torch.arange(C, device=pipe.device).repeat_interleave(n)                          # [C·n]
-    return pipe.sample(C * n, cond, seed=SAMPLE_SEED + seed, steps=cfg.sample_steps, guidance_scale=scale).cpu()
+    return pipe.sample(C * n, cond, seed=SAMPLE_SEED + seed, steps=cfg.sample_steps, guidance_scale=scale,
+                       autocast=False).cpu()                                     # float32, as the stacked arms
 
 
 # -------------------------------------------------------------------------------- the experiment
@@ -362,23 +326,28 @@ def run_experiment(cfg: InvDiffConfig, pipe: ddpm.Pipeline, runs, preset, fresh=
         return per_sample_losses(base, scheduler, z0, label, form=form, draws=cfg.env_draws, window=window,
                                  generator=gen, normalise=normalise)
 
+    def environments(losses, K, seed):
+        return infer_environments(losses, K, cfg.env_iters, cfg.env_lr, cfg.env_beta,
+                                  torch.Generator(device).manual_seed(seed))
+
     # 1. the environment table (forms × K, first seed) and every seed's environments
     seeds, lams = parse_list(cfg, "seeds", int), sorted({0.0, cfg.lam, *parse_list(cfg, "lams")})
     first = {form: losses_of(form, seeds[0]) for form in cfg.table_losses.split(",")}
-    candidates = {(form, K): (first[form], infer_environments(first[form], K, cfg.env_iters, cfg.env_lr, cfg.env_beta,
-                                                               torch.Generator(device).manual_seed(seeds[0])))
+    candidates = {(form, K): (first[form], environments(first[form], K, seeds[0]))
                   for form in cfg.table_losses.split(",") for K in parse_list(cfg, "table_envs", int)}
     objective = losses_of("eps-grid", seeds[0], normalise=False)   # the objective's ℓ_i at ε̃ = ε_θ (see 3.)
     table = invdiff_report.environment_table(candidates, label, group, objective, lams)
-    invdiff_report.write_environments(out, table, cfg)
+    invdiff_report.write_environments(out, table)
     if cfg.stage == "environments":
         return {"environments": table}
-    inferred = {seed: infer_environments(losses_of(cfg.env_loss, seed), cfg.envs, cfg.env_iters, cfg.env_lr,
-                                         cfg.env_beta, torch.Generator(device).manual_seed(seed)) for seed in seeds}
+    inferred, key = {}, (cfg.env_loss, cfg.envs)
+    for seed in seeds:                                     # the first seed's W is in the table already
+        inferred[seed] = (candidates[key][1] if seed == seeds[0] and key in candidates
+                          else environments(losses_of(cfg.env_loss, seed), cfg.envs, seed))
 
     # 2–4. every arm as one stacked model
     arms = sweep_arms(cfg)
-    envs = arm_environments(arms, inferred, oracle_cells(label, group, num_groups))
+    envs = arm_environments(arms, inferred, oracle_cells(label, group, num_groups), label)
     run = Path(runs) / cfg.dataset / name
     if fresh:
         for old in (run / "ckpt.pt", run / "log.jsonl"):
@@ -387,30 +356,19 @@ def run_experiment(cfg: InvDiffConfig, pipe: ddpm.Pipeline, runs, preset, fresh=
     if cfg.train_only:
         return {}
 
-    # 5. samples of every arm, seed, ratio and scale, then the report
-    evaluator = evaluate.get_evaluator(pipe.data_cfg, runs, device, epochs=cfg.eval_epochs or None)
-    real = evaluator.real_features(pipe.data_cfg, "test")
-    C, results, grids = base.num_classes, [], {}
-
-    def evaluate_images(images, **fields):               # uint8 [C·n, 3, H, W] -> one result row
-        per_class = dict(zip(range(C), images.chunk(C)))
-        row = evaluate.evaluate_arm({"name": fields["arm"], "class_images": per_class}, evaluator, real)
-        results.append({**fields, **{k: row[k] for k in ("Bias_mean", "cond_acc", "FID_C", "FD_half_l1")}})
-        grids.setdefault((fields["arm"], fields["r"], fields["scale"]), images[::cfg.samples_per_class // 8 or 1])
-
+    # 5. samples of every arm, seed, ratio and scale (uint8 [C·n, 3, H, W] each), then the report
+    samples = []
     for scale in parse_list(cfg, "guidance_scales"):
-        if "base" in cfg.kinds.split(","):
-            for seed in seeds:
-                evaluate_images(sample_base(pipe, cfg, seed, scale), arm="base", seed=seed, r=0.0, scale=scale)
+        samples += [(dict(arm="base", seed=seed, r=0.0, scale=scale), sample_base(pipe, cfg, seed, scale))
+                    for seed in seeds]
         for r in parse_list(cfg, "sample_ratios") if arms else []:
             images = sample_stacked(pipe, stack, arms, cfg, r, scale)                       # [A, C·n, 3, H, W]
-            for arm, x in zip(arms, images):
-                evaluate_images(x, arm=arm.name, seed=arm.seed, r=r, scale=scale)
+            samples += [(dict(arm=arm.name, seed=arm.seed, r=r, scale=scale), x) for arm, x in zip(arms, images)]
+    evaluator = evaluate.get_evaluator(pipe.data_cfg, runs, device, epochs=cfg.eval_epochs or None)
     extra = {"config": asdict(cfg), "base_run": str(pipe.run_dir), "arm_run": str(run), "preset": preset,
-             "device": device_name(device),
-             "classifiers": dict(evaluator.accuracies), "seconds": time.perf_counter() - start}
-    return invdiff_report.write_report(out, cfg, table, results, grids, run / "log.jsonl", arms,
-                                       C * cfg.samples_per_class, extra)
+             "device": device_name(device), "classifiers": dict(evaluator.accuracies)}
+    return invdiff_report.write_report(out, cfg, table, samples, evaluator, pipe.data_cfg, run / "log.jsonl",
+                                       arms, {**extra, "seconds": time.perf_counter() - start})
 
 
 def main(argv=None):
@@ -421,6 +379,7 @@ def main(argv=None):
     if cfg.dataset == "cmnist" and "spurious" not in explicit:        # color spuriously tied to the digit
         cfg.spurious = explicit["spurious"] = SPURIOUS
     check(cfg)                                                        # before the autoencoder trains
+    torch.backends.cuda.matmul.allow_tf32 = True       # the stacked arms' float32 matmuls on tensor cores
     data_flags = {k: v for k, v in explicit.items() if k in data.DataConfig.__dataclass_fields__}
     base_cfg = ddpm.base_config(ddpm.data_config(cfg), args.preset, **data_flags, **runtime_flags(cfg))
     pipe = ddpm.ensure_base(base_cfg, args.preset, args.runs, args.device, args.fresh)

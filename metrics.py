@@ -157,6 +157,8 @@ def seed_summary(values) -> dict:
 
 def paired(a, b) -> dict:
     """Paired difference of two arms over the same seeds: {'diff': d̄, 'se': SE_d}."""
+    if len(a) != len(b):
+        raise ValueError(f"paired: {len(a)} values against {len(b)}; pair arms over the same seeds")
     d = torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)
     se = (d.std(correction=1) / math.sqrt(len(d))).item() if len(d) > 1 else float("nan")
     return {"diff": d.mean().item(), "se": se}

@@ -14,6 +14,7 @@ import ddpm  # noqa: E402
 import invdiff  # noqa: E402
 import vae as vae_lib  # noqa: E402
 from data import DataConfig  # noqa: E402
+from environments import project_rows  # noqa: E402
 from unet import UNet  # noqa: E402
 
 STEPS, CKPT_EVERY = 6, 2
@@ -89,7 +90,7 @@ def test_invdiff_arms_resume_to_the_uninterrupted_weights(tmp_path, monkeypatch)
     pipe = SimpleNamespace(unet=base, cfg=base_cfg, device="cpu")
     g = torch.Generator().manual_seed(2)
     z0, label = torch.randn(64, 4, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
-    W = invdiff.project_rows(torch.rand(64, 2, generator=g))
+    W = project_rows(torch.rand(64, 2, generator=g))
     arms = [invdiff.Arm("inferred", 1.0, 0), invdiff.Arm("erm", 0.0, 1)]
     envs = [W, torch.nn.functional.pad(torch.ones(64, 1), (0, 1))]
     cfg = invdiff.InvDiffConfig(**{**invdiff.PRESETS["tiny"], "steps": STEPS, "ckpt_every": CKPT_EVERY})
