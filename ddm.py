@@ -367,9 +367,14 @@ def run_sweep(cfg: DDMConfig, preset: str, runs: str, device: str, fresh=False, 
                                                          test, confusion, out)
     if cfg.train_only:
         return {}
-    report = Path(cfg.report or Path(runs) / cfg.dataset / f"ddm-{cfg.protocol}")
-    return ddm_report.write_report(results, cfg, pipe, evaluator, confusion, report, preset=preset,
+    return ddm_report.write_report(results, cfg, pipe, evaluator, confusion, report_dir(cfg, runs), preset=preset,
                                    wall_seconds=time.perf_counter() - t_start)
+
+
+def report_dir(cfg: DDMConfig, runs: str) -> Path:
+    """--report, else runs/<dataset>/ddm-<protocol>-<hash of the sweep's config>: a second sweep never
+    overwrites the first."""
+    return Path(cfg.report or Path(runs) / cfg.dataset / f"ddm-{cfg.protocol}-{config_hash(replace(cfg, report=''))}")
 
 
 def trajectory_steps(cfg: DDMConfig) -> list:
@@ -395,7 +400,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True       # the stacked arms' float32 matmuls on tensor cores
     run_sweep(cfg, args.preset, args.runs, args.device, args.fresh)
     if not cfg.train_only:
-        print(f"report: {Path(cfg.report or Path(args.runs) / cfg.dataset / f'ddm-{cfg.protocol}') / 'report.md'}")
+        print(f"report: {report_dir(cfg, args.runs) / 'report.md'}")
 
 
 if __name__ == "__main__":
