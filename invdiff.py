@@ -4,7 +4,7 @@ The base model ε_θ(z_t, t, c) is ddpm.py's class-conditional model, trained on
 attribute y is spuriously tied to the condition c (cmnist `--spurious 0.9`: digit d in its majority
 color with probability ρ; CelebA: Smiling × Male cells 1:2:2:1), then frozen. y is given to no stage;
 only the environment table, the oracle arms and the evaluation read it. Defaults follow the authors'
-released scripts; where they differ from the paper or are ambiguous, the choice is named.
+published scripts; where they differ from the paper or are ambiguous, the choice is named.
 
 1. Environments without annotations (the "max" step, environments.py): soft memberships W ∈ Δ^K that
    maximise the spread std_k R_k of the frozen model's per-image losses over environments.

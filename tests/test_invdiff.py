@@ -67,7 +67,7 @@ def test_environments_separate_two_loss_populations(beta):
 
 
 def authors_optimize_weights(losses, K, generator, beta):
-    """The authors' released environment step (src/group/train_group.py), written out again here."""
+    """The authors' published environment step (src/group/train_group.py), written out again here."""
     w = torch.rand((len(losses), K), generator=generator).requires_grad_()
     opt = torch.optim.Adam([w], lr=0.01)
     for _ in range(500):
