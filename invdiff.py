@@ -85,7 +85,7 @@ class InvDiffConfig(data.DataConfig, TrainConfig):
     env_beta: float = 3.0            # β of the min term (the authors' loss_not_zero_weight)
     env_iters: int = 500             # Adam steps on W
     env_lr: float = 0.01
-    table_losses: str = ",".join(ENV_LOSSES)   # the environment table compares these forms …
+    table_losses: str = ",".join((*ENV_LOSSES, "z0-norm"))   # the environment table compares these …
     table_envs: str = "2,4,8"        # … at these K
     module: str = "copy"             # copy | small (see 2.)
     module_width: float = 0.25       # small's channels relative to the base's
@@ -146,8 +146,8 @@ def check(cfg: InvDiffConfig):
     unknown = [k for k in cfg.kinds.split(",") if k not in KINDS]
     if unknown or not cfg.kinds:
         raise ConfigError(f"--kinds {cfg.kinds!r}: unknown {unknown}; choose from {','.join(KINDS)}")
-    if not set(cfg.table_losses.split(",")) <= set(ENV_LOSSES):
-        raise ConfigError(f"--table-losses {cfg.table_losses!r}: choose from {','.join(ENV_LOSSES)}")
+    if not set(cfg.table_losses.split(",")) <= {*ENV_LOSSES, "z0-norm"}:
+        raise ConfigError(f"--table-losses {cfg.table_losses!r}: choose from {','.join(ENV_LOSSES)},z0-norm")
     lo_hi = parse_list(cfg, "env_window", int)
     if len(lo_hi) != 2 or not 0 <= lo_hi[0] < min(lo_hi[1], 1000):
         raise ConfigError(f"--env-window {cfg.env_window!r}: two timesteps lo,hi with 0 <= lo < hi and lo < 1000, e.g. 0,250")
@@ -332,7 +332,9 @@ def run_experiment(cfg: InvDiffConfig, pipe: ddpm.Pipeline, runs, preset, fresh=
 
     # 1. the environment table (forms × K, first seed) and every seed's environments
     seeds, lams = parse_list(cfg, "seeds", int), sorted({0.0, cfg.lam, *parse_list(cfg, "lams")})
-    first = {form: losses_of(form, seeds[0]) for form in cfg.table_losses.split(",")}
+    # z0-norm scores an image by ‖z₀‖² alone, no model: what ‖ε̂ − z₀‖² ≈ 1 + ‖z₀‖² reads when ε̂ ≈ ε
+    first = {form: z0.square().mean((1, 2, 3)) if form == "z0-norm" else losses_of(form, seeds[0])
+             for form in cfg.table_losses.split(",")}
     candidates = {(form, K): (first[form], environments(first[form], K, seeds[0]))
                   for form in cfg.table_losses.split(",") for K in parse_list(cfg, "table_envs", int)}
     objective = losses_of("eps-grid", seeds[0], normalise=False)   # the objective's ℓ_i at ε̃ = ε_θ (see 3.)

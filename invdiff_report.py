@@ -3,7 +3,8 @@
 Environment table. For each loss form and K (invdiff.py, step 1), on the first seed:
 * AUC = P(ℓ_i > ℓ_j) for i bias-conflicting and j bias-aligned (Mann–Whitney), where an image is
   bias-conflicting when its group is not the most common group of its class c. AUC > 0.5: the
-  conflicting images have the higher loss; < 0.5: the lower (the direction depends on the data);
+  conflicting images have the higher loss; < 0.5: the lower (the direction depends on the data); the
+  row z0-norm scores images by the latent's energy ‖z₀‖² alone, with no model;
 * purity against the true cells c × y of the hard assignment argmax_k w_ik, Σ_k max_cell n_k,cell / N,
   and the environment sizes S_k / N;
 * the effective minority share: the weight the objective L = mean_k R_k + λ · Var_k R_k puts on
