@@ -1,11 +1,13 @@
-"""The three teaching notebooks: committed executed, and still running top to bottom.
+"""The three teaching notebooks: written as jupytext percent files, committed executed, and still
+running top to bottom.
 
-The structural tests need no data: each committed .ipynb holds exactly the cells that
-notebooks/make_notebooks.py writes, every code cell executed once, in order, without an error.
-The execution tests (real MNIST under FAIRDIFF_DATA) run 01 → 02 → 03 with nbclient + ipykernel on
-the CPU, sharing one fresh run folder through FAIRDIFF_RUNS as a student would: the first notebook
-trains the tiny autoencoder and base model, the other two reuse them by config hash. A notebook that
-breaks fails here, and so does one whose displayed table is not the report it wrote.
+The structural tests need no data: each committed .ipynb is paired with its source notebooks/NN_*.py and
+holds exactly its cells (read with jupytext), every code cell executed once, in order, without an error,
+and every section opens with markdown. The execution tests (real MNIST under FAIRDIFF_DATA) run the
+sources 01 → 02 → 03 with notebooks/execute.py (nbclient + ipykernel, CPU), sharing one fresh run folder
+through FAIRDIFF_RUNS as a student would: the first notebook trains the tiny autoencoder and base model,
+the second reuses them by config hash, the third trains its own pair on spuriously colored digits. A
+notebook that breaks fails here, and so does one whose displayed report is not the one it wrote.
 """
 import json
 import os
@@ -15,18 +17,23 @@ from pathlib import Path
 import pytest
 
 nbformat = pytest.importorskip("nbformat")
+jupytext = pytest.importorskip("jupytext")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))                      # the repo's flat modules without installing
 sys.path.insert(0, str(REPO / "notebooks"))
 import data  # noqa: E402
-import make_notebooks  # noqa: E402
+import execute  # noqa: E402
 
-NAMES = list(make_notebooks.NOTEBOOKS)             # in the order a student runs them
+NAMES = [source.stem for source in execute.SOURCES]   # in the order a student runs them
 REAL_ROOT = os.environ.get("FAIRDIFF_DATA", "")
 HAVE_MNIST = bool(REAL_ROOT) and all(
     (Path(REAL_ROOT) / "MNIST" / "raw" / f).exists() or (Path(REAL_ROOT) / "MNIST" / "raw" / f"{f}.gz").exists()
     for f in data.MNIST_FILES)
 MAX_BYTES = 2_000_000
+
+
+def source_cells(name):
+    return jupytext.read(REPO / "notebooks" / f"{name}.py").cells
 
 
 def images(nb) -> int:
@@ -39,59 +46,67 @@ def errors(nb) -> list:
 
 
 # ------------------------------------------------------------------------------- committed files
+def test_the_three_notebooks_are_there():
+    assert NAMES == ["01_latent_diffusion", "02_ddm", "03_invdiff"]
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_committed_notebook_is_the_generated_cells_executed_in_order(name):
-    path = REPO / "notebooks" / name
-    assert path.stat().st_size < MAX_BYTES, f"{name} is {path.stat().st_size / 1e6:.1f} MB"
+def test_committed_notebook_is_its_source_executed_in_order(name):
+    path = REPO / "notebooks" / f"{name}.ipynb"
+    assert path.stat().st_size < MAX_BYTES, f"{path.name} is {path.stat().st_size / 1e6:.1f} MB"
     nb = nbformat.read(path, as_version=4)
-    expected = make_notebooks.NOTEBOOKS[name]
-    assert [(c.cell_type, c.source) for c in nb.cells] == [(c.cell_type, c.source) for c in expected], \
-        f"{name} differs from notebooks/make_notebooks.py; regenerate it with --execute"
+    assert nb.metadata.get("jupytext", {}).get("formats") == "ipynb,py:percent", f"{path.name} is not paired"
+    assert [(c.cell_type, c.source) for c in nb.cells] == [(c.cell_type, c.source) for c in source_cells(name)], \
+        f"{path.name} differs from {name}.py; run python notebooks/execute.py {name}.py"
     counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
-    assert counts == list(range(1, len(counts) + 1)), f"{name} was not executed top to bottom: {counts}"
+    assert counts == list(range(1, len(counts) + 1)), f"{path.name} was not executed top to bottom: {counts}"
     assert not errors(nb) and images(nb) >= 3
-    assert nb.cells[0].cell_type == "markdown"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_equation_comes_before_the_cell_that_computes_it(name):
     """Each section opens with markdown: no two code cells in a row without an explanation between."""
-    kinds = [c.cell_type for c in make_notebooks.NOTEBOOKS[name]]
+    cells = source_cells(name)
+    kinds = [c.cell_type for c in cells]
     assert kinds[0] == "markdown" and kinds[1] == "code"           # the title, then the setup cell
     assert all(not (a == b == "code") for a, b in zip(kinds[2:], kinds[3:]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_setup_cell_installs_the_requirements_before_importing_them(name):
+    """A fresh hosted Python gets going from the first code cell: pip runs before torch is imported."""
+    setup = source_cells(name)[1].source
+    assert "requirements.txt" in setup and '"pip", "install"' in setup
+    assert setup.index('"pip", "install"') < setup.index("import torch")
 
 
 # --------------------------------------------------------------------------------------- execution
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    """Run the three notebooks in order in one fresh run folder: {name: notebook or the exception}."""
+    """Run the three notebooks in order in one fresh run folder:
+    {name: (notebook or the exception, the base-model folders after it)}, and the cmnist run folder."""
     if not HAVE_MNIST:
         pytest.skip("real MNIST not found: set FAIRDIFF_DATA to the data root (the notebooks train on it)")
-    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
     runs = tmp_path_factory.mktemp("notebook-runs")
-    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}   # the notebooks pick the inline backend
-    env["FAIRDIFF_RUNS"] = str(runs)
     out = {}
-    for name in NAMES:
-        nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
-        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                         resources={"metadata": {"path": str(REPO)}})
+    for source in execute.SOURCES:
         try:
-            client.execute(env=env)
-            out[name] = nb
+            nb = execute.execute(source, runs)
         except Exception as e:   # keep going: the later notebooks train what they miss themselves
-            out[name] = e
+            nb = e
+        out[source.stem] = nb, sorted(p.name for p in (runs / "cmnist").glob("base-*"))
     return out, runs / "cmnist"
 
 
 def run(executed, name):
     notebooks, folder = executed
-    if isinstance(notebooks[name], Exception):
-        raise notebooks[name]
-    nb = notebooks[name]
+    nb, bases = notebooks[name]
+    if isinstance(nb, Exception):
+        raise nb
     assert not errors(nb) and images(nb) >= 3              # plots inline
-    return nb, folder
+    return nb, bases, folder
 
 
 def outputs_text(nb, mime="text/markdown") -> str:
@@ -100,18 +115,18 @@ def outputs_text(nb, mime="text/markdown") -> str:
 
 
 def test_notebook_01_trains_the_tiny_pipeline(executed):
-    nb, folder = run(executed, "01_latent_diffusion.ipynb")
-    (base,) = folder.glob("base-*")                        # one base model, trained by the notebook
-    log = [json.loads(line) for line in (base / "log.jsonl").read_text().splitlines()]
+    nb, bases, folder = run(executed, "01_latent_diffusion")
+    (base,) = bases                                        # one base model, trained by the notebook
+    log = [json.loads(line) for line in (folder / base / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(10, 301, 10))   # the notebook's log_every=10 reached train()
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]
     assert "DDPM 1000 steps" in outputs_text(nb) and "DDIM   10 steps" in outputs_text(nb)
 
 
 def test_notebook_02_shows_the_sweep_it_wrote(executed):
-    nb, folder = run(executed, "02_ddm.ipynb")
-    assert len(list(folder.glob("base-*"))) == 1           # reused notebook 1's model, trained nothing new
-    report = folder / "ddm-biased-base"
+    nb, bases, folder = run(executed, "02_ddm")
+    assert bases == executed[0]["01_latent_diffusion"][1]   # reused notebook 1's model, trained nothing new
+    (report,) = [p for p in folder.glob("ddm-biased-base-*") if (p / "metrics.json").exists()]   # not the arms' runs
     metrics = json.loads((report / "metrics.json").read_text())
     for scenario in ("fd", "spd"):
         rows = metrics["scenarios"][scenario]["rows"]
@@ -125,12 +140,21 @@ def test_notebook_02_shows_the_sweep_it_wrote(executed):
     assert nb.cells[-1].outputs                                # the committed GPU results, or "none yet"
 
 
-def test_notebook_03_runs_every_invdiff_arm_on_the_frozen_model(executed):
-    nb, folder = run(executed, "03_invdiff.ipynb")
-    assert len(list(folder.glob("base-*"))) == 1
-    metrics = json.loads((folder / "invdiff" / "metrics.json").read_text())
-    assert [a["name"] for a in metrics["arms"]] == ["base", "invdiff", "lambda0", "random", "oracle"]
-    assert all(a["n"] == 10 * 40 for a in metrics["arms"])     # the notebook's 40 samples per digit
-    import evaluate
-    assert evaluate.format_table(metrics) in outputs_text(nb)
-    assert nb.cells[-1].outputs                                # the committed GPU results, or "none yet"
+def test_notebook_03_runs_every_invdiff_arm_on_its_frozen_model(executed):
+    nb, bases, folder = run(executed, "03_invdiff")
+    assert len(bases) == len(executed[0]["02_ddm"][1]) + 1   # its own base, on the spurious data
+    summary = json.loads((folder / "invdiff-notebook" / "metrics.json").read_text())
+    assert summary["config"]["spurious"] == 0.9 and summary["config"]["samples_per_class"] == 4
+    (setting,) = summary["settings"]
+    assert list(setting["arms"]) == ["base", "erm", "inferred λ=0", "inferred λ=1", "random λ=1",
+                                     "oracle λ=0", "oracle λ=1"]
+    assert all(arm["Bias"]["n"] == 2 for arm in setting["arms"].values())   # both seeds
+    import invdiff_report
+    text = outputs_text(nb, "text/plain")
+    assert invdiff_report.environment_markdown(summary["environments"]) in text   # the table it wrote
+    verdict = setting["verdict"]
+    assert (f"**{'InvDiff reduces Bias' if verdict['reduces'] else 'InvDiff does not reduce Bias'}; "
+            f"{'the invariance term helps' if verdict['helps'] else 'the invariance term does not help'}.**") in text
+    walkthrough = [json.loads(line) for line in next(folder.glob("invdiff-walkthrough-*/log.jsonl")).open()]
+    assert len(walkthrough[-1]["arm_loss"]) == 6 and walkthrough[-1]["step"] == 40   # the first seed's arms
+    assert nb.cells[-1].outputs                                # the committed GPU results
