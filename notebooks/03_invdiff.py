@@ -224,13 +224,14 @@ print(f"‖z0‖² alone: AUC {invdiff_report.auc(z0.square().mean((1, 2, 3)), c
 # ## 4 · Environments at K = 8, and the weight the objective puts on each image
 #
 # **The max step.** Soft memberships $W\in\Delta^K$, one row per image, maximise the spread of the environment
-# risks, with a term that keeps every entry from collapsing to zero:
+# risks plus $\beta$ times the smallest weighted loss:
 #
 # $$R_k = \frac{\sum_i w_{ik}\,\ell_i}{\sum_i w_{ik}},\qquad
 #   \max_W\ \operatorname{std}_k R_k + \beta\,\min_{i,k} w_{ik}\ell_i\qquad(K = 8,\ \beta = 3),$$
 #
 # by Adam from $W_0\sim U(0,1)$, clamping $W$ at 0 and renormalising each row after every step
-# (`environments.infer_environments`, which never sees $y$).
+# (`environments.infer_environments`, which never sees $y$). The $\beta$ term's gradient reaches one entry a
+# step, so many entries still end at exactly 0.
 #
 # **What the min step then does with them.** $G_\psi$ is trained on
 # $\mathcal L = \operatorname{mean}_k R_k + \lambda\operatorname{Var}_k R_k$ with the guided model's losses
@@ -243,9 +244,10 @@ print(f"‖z0‖² alone: AUC {invdiff_report.auc(z0.square().mean((1, 2, 3)), c
 # the weights towards the high-risk environments, and once $2\lambda(\bar R - R_k)/(K-1) > 1/K$ the images
 # of environment $k$ get a **negative** weight: the objective rewards fitting them worse. The table reads the
 # weights where $\ell_i$ is the base's own $\epsilon$-loss (`eps-grid` without the normalisation: the
-# objective's $\ell_i$ once $\tilde\epsilon = \epsilon_\theta$), as the **minority weight** $\sum_{i\ \text{conflicting}} v_i / \sum_i v_i$ and the share of images with $v_i < 0$. Two
-# references: one environment (ERM) gives the conflicting images their share of the data; the oracle cells
-# $c\times y$ (20 environments, built from the hidden labels) give them ½ at $\lambda = 0$.
+# objective's $\ell_i$ once $\tilde\epsilon = \epsilon_\theta$), as the **minority weight**
+# $\sum_{i\ \text{conflicting}} v_i / \sum_i v_i$ and the share of images with $v_i < 0$. Two references: one
+# environment (ERM) gives the conflicting images their share of the data; the oracle cells $c\times y$
+# (20 environments, built from the hidden labels) give them ½ at $\lambda = 0$.
 
 # %%
 lams = [float(lam) for lam in invdiff.InvDiffConfig().lams.split(",")]      # the full sweep's λ: 0, 1, 10, 100
@@ -291,7 +293,8 @@ ax2.legend(fontsize=7);
 # $$\tilde\epsilon = r\,G_\psi(z_t, t, c) + (1-r)\,\epsilon_\theta(z_t, t, c)\quad\text{(convex)}\qquad\text{or}\qquad
 #   \tilde\epsilon = \epsilon_\theta + r\,G_\psi\quad\text{(additive)},$$
 #
-# trained at $r = 0.5$ and sampled at $r\in\{0.5, 0.8\}$, as in the authors' scripts. At step 0 $G_\psi \equiv 0$,
+# trained at $r = 0.5$ and sampled at $r\in\{0.5, 0.8\}$: the authors' training script leaves its wrapper's 0.5
+# in place, their sampling script passes 0.8. At step 0 $G_\psi \equiv 0$,
 # so the convex form starts from $\tilde\epsilon = (1-r)\,\epsilon_\theta$, half the base's prediction at the
 # training ratio: every trained arm, ERM included, first has to learn $\epsilon_\theta$ back. The additive form
 # starts from $\epsilon_\theta$ itself. If training reaches $0.5\,G_\psi + 0.5\,\epsilon_\theta = \epsilon^*$,
