@@ -151,9 +151,6 @@ def check(cfg: InvDiffConfig):
     lo_hi = parse_list(cfg, "env_window", int)
     if len(lo_hi) != 2 or not 0 <= lo_hi[0] < min(lo_hi[1], 1000):
         raise ConfigError(f"--env-window {cfg.env_window!r}: two timesteps lo,hi with 0 <= lo < hi and lo < 1000, e.g. 0,250")
-    if "inferred" in cfg.kinds and cfg.lam not in parse_list(cfg, "lams"):
-        raise ConfigError(f"--lam {cfg.lam:g} must be one of --lams {cfg.lams}: the verdict reads the inferred "
-                          "arm at --lam beside the random and oracle arms")
     if "base" not in cfg.kinds.split(","):
         raise ConfigError(f"--kinds {cfg.kinds!r}: include base, the arm every verdict is read against")
     for flag, smallest in (("seeds", 0), ("table_envs", 1)):
@@ -171,6 +168,9 @@ def check(cfg: InvDiffConfig):
             raise ConfigError(f"--{flag} {value} must be >= {smallest}")
     if not 0 < cfg.module_width <= 1:
         raise ConfigError(f"--module-width {cfg.module_width} must be in (0, 1]")
+    if "inferred" in cfg.kinds and cfg.lam not in parse_list(cfg, "lams"):
+        raise ConfigError(f"--lam {cfg.lam:g} must be one of --lams {cfg.lams}: the verdict reads the inferred "
+                          "arm at --lam beside the random and oracle arms")
     check_train_config(cfg)
 
 

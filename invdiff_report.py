@@ -193,7 +193,7 @@ def read_samples(samples, evaluator, data_cfg, per_class: int):
         arm = {"name": fields["arm"], "class_images": dict(enumerate(by_class))}
         row = evaluate.evaluate_arm(arm, evaluator, real)
         rows.append({**fields, **{k: row[k] for k in ("Bias_mean", "cond_acc", "FID_C", "FD_half_l1")}})
-        grids.setdefault((fields["arm"], fields["r"], fields["scale"]), by_class[:, :8].flatten(0, 1))
+        grids.setdefault((fields["arm"], fields["r"], fields["scale"]), by_class[:, :8])     # [C, ≤8, 3, H, W]
     return rows, grids
 
 
@@ -237,14 +237,14 @@ def write_report(out: Path, cfg, table: dict, samples, evaluator, data_cfg, log:
 
 
 def plot_grids(grids: dict, r: float, scale: float, path: Path):
-    """One panel per arm (the first seed): uint8 [C·8, 3, H, W] as C rows of 8; the base beside every r."""
+    """One panel per arm (the first seed): uint8 [C, k, 3, H, W] as C rows of k; the base beside every r."""
     panels = [(name, x) for (name, r_, s), x in grids.items() if s == scale and (r_ == r or name == "base")]
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig = Figure(figsize=(3.2 * cols, 3.6 * rows), tight_layout=True)
     for i, (name, x) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
-        ax.imshow(make_grid(x, nrow=8, padding=1).permute(1, 2, 0).numpy())
+        ax.imshow(make_grid(x.flatten(0, 1), nrow=x.shape[1], padding=1).permute(1, 2, 0).numpy())
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(f"r = {r:g}, CFG {scale:g}: one row per class, the first seed", fontsize=10)

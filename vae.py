@@ -141,7 +141,7 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 def vae_config(data_cfg: data.DataConfig, preset: str, **overrides) -> VAEConfig:
     """The autoencoder for a dataset: bias-neutral (trained on the balanced split)."""
     fields = {**asdict(data_cfg), **PRESETS[preset], **overrides}
-    fields.update(bias=0.5, cell_ratio="")
+    fields.update(bias=0.5, cell_ratio="", spurious=0.0)
     return from_fields(VAEConfig, fields)
 
 
