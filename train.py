@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 from config import (ConfigError, Stopped, TrainConfig, check_train_config, check_writable, comparable,
                     snapshot_steps)
-from config import config_hash, explicit_flags, main_guard, parse_config, runtime_flags  # noqa: F401 (re-exported)
 from cuda_graph import GraphStep, match_optimizer
 from datafiles import save_cache, write_atomic
 from stack import clip_per_arm

@@ -454,11 +454,11 @@ def test_conftest_stops_ci_without_the_data_and_counts_real_data_tests(tmp_path)
 
 def test_the_decode_cache_follows_the_run_root(tmp_path, monkeypatch):
     """Without CACHE_DIR or $FAIRDIFF_CACHE, CelebA's decoded images go under --runs, not ./runs."""
-    import train
+    import config
     monkeypatch.setattr(data, "CACHE_DIR", None)
     monkeypatch.delenv("FAIRDIFF_CACHE", raising=False)
     monkeypatch.setenv("FAIRDIFF_RUNS", "runs")
-    train.parse_config(DataConfig, {}, ["--runs", str(tmp_path / "elsewhere"), "--device", "cpu"])
+    config.parse_config(DataConfig, {}, ["--runs", str(tmp_path / "elsewhere"), "--device", "cpu"])
     assert data.cache_dir() == tmp_path / "elsewhere" / "cache"
     celeba(celeba_root(tmp_path / "data"))
     assert list((tmp_path / "elsewhere" / "cache").glob("celeba_*.pt"))
