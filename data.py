@@ -175,14 +175,15 @@ def _cmnist(cfg, split, gray, digits, gen):
         raise ValueError(f"--n-train {n} is more than the {len(gray)} MNIST images; lower --n-train")
     # Colors go to a random permutation, so digits keep their natural distribution per group.
     order = torch.randperm(len(gray), generator=gen)[:n]
-    counts = (torch.tensor(shares, dtype=torch.float64) * n).round().long()
-    counts[-1] = n - counts[:-1].sum()
-    group = torch.repeat_interleave(torch.arange(n_groups), counts)  # [n]
-    names = cfg.colors.split(",")
     if split == "train" and cfg.spurious:     # group 0..G-1 per image: the digit's majority color or another
         majority = digits[order] % n_groups                                  # [n]
         other = (majority + torch.randint(1, n_groups, (n,), generator=gen)) % n_groups
         group = torch.where(torch.rand(n, generator=gen) < cfg.spurious, majority, other)
+    else:                                     # the shares, in the permuted order
+        counts = (torch.tensor(shares, dtype=torch.float64) * n).round().long()
+        counts[-1] = n - counts[:-1].sum()
+        group = torch.repeat_interleave(torch.arange(n_groups), counts)  # [n]
+    names = cfg.colors.split(",")
     palette = torch.tensor([COLORS[c] for c in names], dtype=torch.float32)  # [K, 3]
     intensity = gray[order].float().unsqueeze(1) / 255                      # [n, 1, 32, 32]
     images = (intensity * palette[group][:, :, None, None]).round().to(torch.uint8)  # [n, 3, 32, 32]

@@ -28,14 +28,13 @@ import ddm
 import evaluate
 import metrics
 from config import device_name
-from stack import Stacked
+from stack import Stacked, arm_batch
 
 N_DIAGNOSTIC = 1000      # real held-out latents behind C's accuracy
 GRID = 64                # samples in an arm's grid
 
 
 # ---------------------------------------------------------------------------------------- sampling
-SAMPLE_LATENTS = 16384     # latents per stacked forward pass, all arms together
 SAMPLE_SEED = 10 ** 6      # arm noise: SAMPLE_SEED·(1 + group) + seed, apart from training's seed·1000
 
 
@@ -53,7 +52,7 @@ def sample_arms(pipe, stack: Stacked, arms: list, cfg, class_row: int, scale: fl
     cond = torch.full((A, n), class_row, dtype=torch.long, device=pipe.device)
     return pipe.sample_latents(n, cond, seed=[SAMPLE_SEED * (1 + group) + arm.seed for arm in arms],
                                steps=cfg.sample_steps, guidance_scale=scale, model=lambda z, t, c: stack(z, t, c)[0],
-                               batch_size=max(1, SAMPLE_LATENTS // (A * (2 if scale != 1 else 1))))
+                               batch_size=arm_batch(A, 2 if scale != 1 else 1))
 
 
 def decode(pipe, z):
@@ -64,12 +63,12 @@ def decode(pipe, z):
 @torch.inference_mode()
 def indicator_probs(stack: Stacked, z0, cond, t, seed=0) -> torch.Tensor:
     """softmax C(ε̂) of latents z0 [A, N, …] noised at timesteps t [N] (shared by the arms), each arm
-    with its own conditions cond [A, N] -> [A, N, K], in chunks of SAMPLE_LATENTS latents."""
+    with its own conditions cond [A, N] -> [A, N, K], in chunks of stack.LATENTS_PER_PASS latents."""
     gen = torch.Generator(z0.device).manual_seed(seed)
     noise = torch.randn(z0.shape[1:], generator=gen, device=z0.device)                 # [N, c, h, w]
     scheduler, A, out = stack.template.scheduler, len(z0), []
-    for i in range(0, z0.shape[1], max(1, SAMPLE_LATENTS // A)):
-        part = slice(i, i + max(1, SAMPLE_LATENTS // A))
+    for i in range(0, z0.shape[1], arm_batch(A)):
+        part = slice(i, i + arm_batch(A))
         z_t = scheduler.add_noise(z0[:, part].flatten(0, 1), noise[part].repeat(A, 1, 1, 1),    # every arm
                                   t[part].repeat(A)).view_as(z0[:, part])                    # the same noise
         out.append(stack(z_t, t[part].expand(A, -1), cond[:, part])[1].float().softmax(-1))

@@ -59,7 +59,7 @@ import invdiff_report
 import vae as vae_lib
 from ddm import parse_list
 from environments import ENV_LOSSES, infer_environments, per_sample_losses
-from stack import Stacked
+from stack import Stacked, arm_batch
 from config import (ConfigError, TrainConfig, check_train_config, config_hash, device_name, explicit_flags,
                     main_guard, parse_config, runtime_flags)
 from train import train
@@ -296,7 +296,7 @@ def sample_stacked(pipe, stack, arms, cfg, r: float, scale: float) -> torch.Tens
     ratio = torch.full((A,), r, device=pipe.device)
     z = pipe.sample_latents(C * n, cond, seed=[SAMPLE_SEED + arm.seed for arm in arms], steps=cfg.sample_steps,
                             guidance_scale=scale, model=lambda z, t, c: stack(z, t, c, ratio),
-                            batch_size=max(1, 16384 // (2 * A)))
+                            batch_size=arm_batch(A, 2 if scale != 1 else 1))
     return pipe.decode(z.flatten(0, 1)).cpu().unflatten(0, (A, C * n))
 
 

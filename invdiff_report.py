@@ -46,18 +46,21 @@ SE_MARGIN = 2.0
 
 
 # ------------------------------------------------------------------------------ environment table
+def cross_counts(a, b) -> torch.Tensor:
+    """n[i, j] = #{images with a = i and b = j}: int64 [max a + 1, max b + 1] for a, b int [N]."""
+    rows, cols = int(a.max()) + 1, int(b.max()) + 1
+    return torch.bincount(a.cpu() * cols + b.cpu(), minlength=rows * cols).view(rows, cols)
+
+
 def conflicting(label, group) -> torch.Tensor:
     """bool [N]: the image's group is not the most common group of its class."""
-    G = int(group.max()) + 1
-    counts = torch.zeros(int(label.max()) + 1, G, dtype=torch.long).index_put_(
-        (label.cpu(), group.cpu()), torch.tensor(1), accumulate=True)                # [C, G]
-    return (group.cpu() != counts.argmax(1)[label.cpu()])
+    return group.cpu() != cross_counts(label, group).argmax(1)[label.cpu()]
 
 
 def auc(scores, positive) -> float:
     """P(score of a positive > score of a negative), ties counted half (Mann–Whitney U / (n₊ n₋))."""
     scores, positive = scores.cpu().double(), positive.cpu()
-    values, inverse, counts = scores.unique(return_inverse=True, return_counts=True)
+    _, inverse, counts = scores.unique(return_inverse=True, return_counts=True)
     below = counts.cumsum(0) - counts                                              # images ranked before each value
     ranks = (below + (counts + 1) / 2).double()[inverse]                           # average rank, 1-based
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
@@ -78,10 +81,11 @@ def effective_weights(losses, W, lam: float) -> torch.Tensor:
 
 
 def environment_row(losses, W, cells, conflict, objective, lams) -> dict:
+    """One row of the table for environments W [N, K]; losses None (a reference row, no ℓ): AUC NaN."""
     hard = W.argmax(1).cpu()
-    counts = torch.zeros(W.shape[1], int(cells.max()) + 1, dtype=torch.long).index_put_(
-        (hard, cells.cpu()), torch.tensor(1), accumulate=True)                     # [K, cells]
-    row = {"auc": auc(losses, conflict), "purity": counts.max(1).values.sum().item() / len(hard),
+    counts = cross_counts(hard, cells)                                             # [≤K, cells]
+    row = {"auc": float("nan") if losses is None else auc(losses, conflict),
+           "purity": counts.max(1).values.sum().item() / len(hard),
            "sizes": sorted((W.sum(0).cpu() / len(W)).tolist(), reverse=True),
            "conflicting_share_max": max(conflict[hard == k].double().mean().item() for k in hard.unique())}
     for lam in lams:
@@ -101,8 +105,7 @@ def environment_table(candidates: dict, label, group, objective, lams) -> dict:
     N = len(label)
     for name, W in (("erm (one environment)", torch.ones(N, 1)),
                     ("oracle cells", torch.nn.functional.one_hot(cells).double())):
-        rows.append({"form": name, "K": W.shape[1], **environment_row(objective.cpu(), W, cells, conflict, objective, lams)})
-        rows[-1]["auc"] = float("nan")
+        rows.append({"form": name, "K": W.shape[1], **environment_row(None, W, cells, conflict, objective, lams)})
     return {"rows": rows, "lams": list(lams), "conflicting": conflict.double().mean().item(), "N": N}
 
 

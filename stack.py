@@ -37,6 +37,14 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
+LATENTS_PER_PASS = 16384   # latents in one stacked forward pass, all arms (and both CFG passes) together
+
+
+def arm_batch(num_arms: int, passes: int = 1) -> int:
+    """Latents per arm in one stacked forward pass of `passes` copies (2 under CFG)."""
+    return max(1, LATENTS_PER_PASS // (num_arms * passes))
+
+
 class Stacked(nn.Module):
     """A copies of one architecture whose trainable tensors carry a leading arm axis.
 
