@@ -282,6 +282,15 @@ def test_verdict_does_not_pass_arms_drawn_from_one_distribution():
     assert not v["reduces"] and not v["helps"]
 
 
+def test_verdict_does_not_count_differences_within_sampling_resolution():
+    """Every seed agrees, but the drops (0.01) are below 2·√2/√(n·S) = 0.057 at n = 500, S = 5."""
+    small = arms_from(lambda name, s: {"base": 0.60, "oracle λ=1": 0.59, "inferred λ=1": 0.59,
+                                       "random λ=1": 0.60, "inferred λ=0": 0.60}[name])
+    v = verdict(small, 1.0, n_samples=500)
+    assert not v["reduces"] and not v["helps"]
+    assert verdict(small, 1.0, n_samples=10 ** 6)["reduces"]        # with a fine enough resolution they count
+
+
 def test_verdict_passes_a_clear_case_and_checks_quality():
     clear = arms_from(lambda name, s: {"base": 0.8, "oracle λ=1": 0.2, "inferred λ=1": 0.3,
                                        "random λ=1": 0.78, "inferred λ=0": 0.75}[name] + 0.005 * s)
