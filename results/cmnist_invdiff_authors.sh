@@ -5,9 +5,9 @@
 # trained at r = 0.5 and sampled at r = 0.5 and 0.8, arms erm / inferred λ ∈ {0, 1, 10, 100} / random /
 # oracle cells λ ∈ {0, 1} at seeds 0-2 as one stacked model, CFG 2 and 7.5; preset small, one GPU.
 # Run from the repository root.
-# Committed: results/cmnist_invdiff_authors/environments.{md,json}, the environment table at ρ = 0.9
-# (one NVIDIA H200), which the first command writes alone.
+# Committed: results/cmnist_invdiff_authors/ from the first command (ρ = 0.9; one NVIDIA H200): report.md
+# with the verdict, metrics.json, environments.{md,json}, grids_r<r>_s<scale>.png, loss.png, log.jsonl.
+# `--stage environments` writes the environment table alone, in a few minutes.
 set -e
-python invdiff.py --dataset cmnist --stage environments --report runs/cmnist/invdiff-authors-environments
-python invdiff.py --dataset cmnist                     # every arm; report in runs/cmnist/invdiff-<config>-<base>/
+python invdiff.py --dataset cmnist                     # report in runs/cmnist/invdiff-<config>-<base>/
 python invdiff.py --dataset cmnist --spurious 0.95
