@@ -34,7 +34,8 @@ published scripts; where they differ from the paper or are ambiguous, the choice
    shuffled among the images of each class: the same sizes and class mix, no other information; λ = 1)
    · oracle (one-hot true cells c × y, the upper bound; λ = 0, which is cell-balanced ERM with the
    labels, and λ = 1). Seeds are an axis: each seed infers its own environments, draws its own batches
-   and sampling noise, shared by its arms (and by the base at that seed).
+   and sampling noise, shared by its arms (and by the base at that seed); so in training the frozen
+   ε_θ is computed once per seed for all of that seed's arms.
 
 5. Guided sampling: DDIM with ε̃ in both passes of classifier-free guidance at s ∈ {2, 7.5},
        ε̃_cfg = ε̃(z_t, t, ∅) + s · (ε̃(z_t, t, c) − ε̃(z_t, t, ∅)).
@@ -196,8 +197,8 @@ class Guided(nn.Module):
         super().__init__()
         self.base, self.module, self.form = base.requires_grad_(False).eval(), module, form
 
-    def forward(self, z_t, t, cond, r):
-        eps_theta = self.base(z_t, t, cond)                                     # [B, c, h, w], no gradient
+    def forward(self, z_t, t, cond, r, eps_theta=None):                         # eps_theta: if known
+        eps_theta = self.base(z_t, t, cond) if eps_theta is None else eps_theta  # [B, c, h, w], no gradient
         g = self.module(z_t, t, cond)                                           # [B, c, h, w]
         return r * g + (1 - r) * eps_theta if self.form == "convex" else eps_theta + r * g
 
@@ -261,12 +262,21 @@ def arm_environments(arms, inferred: dict, cells, label) -> list:
 
 
 def train_arms(pipe, cfg: InvDiffConfig, arms, envs, z0, label, out) -> Stacked:
-    """Every arm's G_ψ as one stacked model; arms of one seed draw the same batches (train.train)."""
+    """Every arm's G_ψ as one stacked model. Arms of one seed draw the same batches (train.train), so
+    the frozen ε_θ is computed once per seed and shared by that seed's arms."""
     base, scheduler, device = pipe.unet, ddpm.build_scheduler(pipe.cfg, "ddpm"), pipe.device
     module = build_module(base, pipe.cfg, cfg.module, cfg.module_width)
     stack = Stacked([Guided(base, module, cfg.guidance_form)] * len(arms))
     lam = torch.tensor([arm.lam for arm in arms], device=device)                             # [A]
     r = torch.full((len(arms),), cfg.train_ratio, device=device)                             # [A]
+    seeds = list(dict.fromkeys(arm.seed for arm in arms))                                    # S distinct
+    first = [[arm.seed for arm in arms].index(s) for s in seeds]                             # an arm per seed
+    row = torch.tensor([seeds.index(arm.seed) for arm in arms], device=device)              # arm -> its seed
+
+    def shared_eps_theta(z_t, t, cond):                  # [A, B, c, h, w] from S·B base predictions
+        with torch.no_grad(), torch.autocast("cuda", enabled=False):                        # as in the stack
+            eps = base(z_t[first].flatten(0, 1).float(), t[first].flatten(0, 1), cond[first].flatten(0, 1))
+        return eps.unflatten(0, (len(seeds), -1))[row]
 
     def draw(W, gen):                                    # one arm's batch, as a lone run would draw it
         idx = torch.randint(len(z0), (cfg.batch_size,), generator=gen, device=device)
@@ -276,7 +286,8 @@ def train_arms(pipe, cfg: InvDiffConfig, arms, envs, z0, label, out) -> Stacked:
 
     def loss_fn(net, step, gens):
         z_t, t, cond, target, W = (torch.stack(x) for x in zip(*(draw(W, g) for W, g in zip(envs, gens))))
-        losses = (net(z_t, t, cond, r) - target).square().mean((2, 3, 4))                  # ℓ [A, B]
+        eps_theta = shared_eps_theta(z_t, t, cond)
+        losses = (net(z_t, t, cond, r, eps_theta) - target).square().mean((2, 3, 4))       # ℓ [A, B]
         return invariance_loss(losses, W, lam)                                               # [A]
 
     stats = train(stack, loss_fn, cfg, out, device=device, desc=f"invdiff ({len(arms)} arms)",
