@@ -10,4 +10,5 @@
 # `--stage environments` writes the environment table alone, in a few minutes.
 set -e
 python invdiff.py --dataset cmnist                     # report in runs/cmnist/invdiff-<config>-<base>/
-python invdiff.py --dataset cmnist --spurious 0.95
+python invdiff.py --dataset cmnist --spurious 0.95     # not committed yet
+python invdiff.py --dataset cmnist --env-loss eps-grid  # environments from the ε-loss (not committed yet)
