@@ -1,11 +1,11 @@
 """DDM's evaluation and report: samples of every arm at every CFG scale, diagnostics, seeds, the verdict.
 
 Per arm, seed and CFG scale (evaluate.evaluate_arm): p̂, FD_half_l1 (and its bootstrap CI over
-samples), SPD, FID-C; and the diagnostics that explain a result:
+samples), SPD, FID-C and confidence, the evaluation classifier's mean max-softmax on the samples
+(the gender CNN on CelebA, the digit CNN on MNIST: an arm whose samples stop looking like data
+scores low); and the diagnostics that explain a result:
 * FD_corrected: FD of the confusion-corrected p̂ (metrics.corrected_shares), with the group reader's
   confusion matrix measured on VAE reconstructions of real held-out images (closest to samples);
-* confidence: the evaluation classifier's mean max-softmax on the samples (the gender CNN on
-  CelebA, the digit CNN on MNIST: an arm whose samples stop looking like data scores low);
 * C_entropy: the indicator's entropy on the arm's own samples, each noised at a random t and read
   with the condition it was drawn with (every group's samples, SPD);
 * C_acc_t<bin>: the indicator's accuracy on real held-out latents noised in four t-bins.
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 from torchvision.utils import save_image
+from tqdm import tqdm
 
 import data
 import ddm
@@ -89,13 +90,6 @@ def reader_confusion(pipe, evaluator, test) -> dict:
             "reconstructed": metrics.confusion_matrix(test["group"][pick].cpu(), evaluator.groups(recon), k)}
 
 
-def confidence(evaluator, images) -> float:
-    """Mean max-softmax of the evaluation classifier on uint8 images [N, 3, H, W]."""
-    if evaluator.cfg.dataset == "celeba":
-        return evaluate.predict(evaluator.nets["gender"], images, evaluator.device)[0].max(1).values.mean().item()
-    return evaluator.classes(images)[1].mean().item()
-
-
 def scales_of(cfg, scenario) -> list:
     return [1.0] if scenario == "fd" and cfg.protocol == "biased-base" else ddm.parse_list(cfg, "guidance_scales")
 
@@ -112,7 +106,7 @@ def sample_and_score(pipe, stack, arms, cfg, scenario, num_groups, evaluator, co
         cond = torch.full(z.shape[:2], class_row, dtype=torch.long, device=z.device)
         c_entropy += entropy(indicator_probs(stack, z, cond, t)).mean(1).cpu() / len(rows)
     records = []
-    for a, arm in enumerate(arms):
+    for a, arm in enumerate(tqdm(arms, desc=f"evaluating {scenario} CFG {scale:g}", leave=False)):
         item = {"name": arm.name}
         if scenario == "fd":
             item["images"] = images[0][a]
@@ -122,7 +116,7 @@ def sample_and_score(pipe, stack, arms, cfg, scenario, num_groups, evaluator, co
         p_corr = metrics.corrected_shares(torch.tensor(m["p_hat"]), confusion["reconstructed"])
         m.update(scenario=arm.scenario, ratio=arm.ratio, kind=arm.kind, alpha=arm.alpha, seed=arm.seed,
                  scale=scale, p_hat_corrected=p_corr.tolist(), FD_corrected=metrics.fd_half_l1(p_corr).item(),
-                 confidence=confidence(evaluator, evaluate.pooled_images(item)), C_entropy=c_entropy[a].item())
+                 C_entropy=c_entropy[a].item())
         m["grid"] = evaluate.pooled_images(item, per_condition=-(-GRID // len(rows)))[:GRID]
         records.append(m)
     return records
@@ -147,7 +141,7 @@ def indicator_accuracy(pipe, stack, arms, cfg, scenario, test) -> torch.Tensor:
 
 def evaluate_scenario(pipe, stack, arms, cfg, scenario, num_groups, evaluator, test, confusion, out: Path) -> dict:
     """Every arm at every CFG scale, C's accuracy, and (FD) the trajectory of α = 0 and the best α."""
-    real = evaluator.real_features(pipe.data_cfg, "test")
+    real = evaluator.real_moments(pipe.data_cfg, "test")
     acc = indicator_accuracy(pipe, stack, arms, cfg, scenario, test)
     records = []
     for scale in scales_of(cfg, scenario):

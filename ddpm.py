@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure          # not pyplot: leaves a notebook's backend alone
 from torchvision.utils import save_image
+from tqdm import tqdm
 
 import data
 import vae as vae_lib
@@ -183,7 +184,8 @@ def sample_latents(model, scheduler, n, shape, *, cond=None, guidance_scale=1.0,
         z_T = torch.randn((n, *shape), generator=generator, device=device)                 # [n, c, h, w]
     else:
         z_T = torch.stack([torch.randn((n, *shape), generator=g, device=device) for g in gens])  # [A, n, …]
-    out = []
+    out, bar = [], tqdm(total=len(range(0, n, batch_size)) * len(scheduler.timesteps), leave=False,
+                        desc=f"sampling {z_T.shape[:-len(shape)].numel()} latents", unit="step")
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         z = z_T[..., start:start + b, :, :, :]
@@ -200,7 +202,9 @@ def sample_latents(model, scheduler, n, shape, *, cond=None, guidance_scale=1.0,
                 cond_out, null_out = output.chunk(2, dim=batch_dim)
                 output = null_out + guidance_scale * (cond_out - null_out)
             z = scheduler.step(output, t, z, generator=gens[0] if gens else generator)
+            bar.update()
         out.append(z)
+    bar.close()
     return torch.cat(out, dim=batch_dim)
 
 

@@ -1,6 +1,6 @@
 """Evaluation: which group a generated image belongs to, and how fair and how good a set of samples is.
 
-Readers (classifiers trained once on real data, cached in `runs/<dataset>/eval/`):
+Readers (classifiers.py's CNNs, trained once on real data, cached in `runs/<dataset>/eval/`):
 
     cmnist      group = color of the foreground pixels (nearest palette color), read from pixels;
                 class = digit, from a small CNN trained on real MNIST, fed gray = max over RGB
@@ -15,15 +15,18 @@ metric its images allow (`evaluate_arm`); the equations are metrics.py's:
   group (for the MNIST datasets also as a confidently recognised digit, softmax ≥ 0.9, any digit);
 * Bias (InvDiff), for class-conditional samples, reported as mean and std (ddof 0) over the classes;
 * FID-C, the Fréchet distance on the penultimate layer of the evaluation CNN (digit CNN for MNIST,
-  gender CNN for CelebA).
+  gender CNN for CelebA), and that CNN's mean max-softmax on the arm (`confidence`: samples that
+  stop looking like data score low), both from one forward pass.
 
 FID-C's real side is the held-out test set reweighted to the arm's own group share (test image i of
 group g weighs p̂_g / n_g), so FID-C measures image quality and FD the group share: the two axes of
 tradeoff.png, and real training vs real test images is FID-C's floor. (`FID_C_vs_balanced` in
-metrics.json uses the balanced test set as it is, so a wrong share costs it too.) The digit CNN sees
-gray images, so for cmnist the foreground's mean color (3 numbers) is appended, scaled to the same
-total variance on real test images as the CNN features: an off-palette hue costs FID-C. Not
-Inception-FID: never compare the two.
+metrics.json uses the balanced test set as it is, so a wrong share costs it too.) The test features
+are reduced once to per-group moments (`Evaluator.real_moments`), from which each arm's reweighted
+reference follows in closed form (metrics.mixture_moments). The digit CNN sees gray images, so for
+cmnist the foreground's mean color (3 numbers) is appended, scaled to the same total variance on
+real test images as the CNN features: an off-palette hue costs FID-C. Not Inception-FID: never
+compare the two.
 
 `evaluate_arms` writes metrics.json, report.md, tradeoff.png and sample grids;
 `python evaluate.py --run runs/<dataset>/base-<hash>` samples a trained model and evaluates it as one arm.
@@ -36,96 +39,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-import datafiles
+from classifiers import cached_classifier, predict
 from data import COLORS, DOWNLOAD, DataConfig, biased_indices, load
 from config import ConfigError, Parser, check_device, check_writable
-from metrics import bias_score, bootstrap, fd_half_l1, fd_l2, frechet_distance, group_shares, share_weights, spd
+from metrics import bias_score, bootstrap, fd_half_l1, fd_l2, frechet_to_reference, group_moments, group_shares, spd
 
 FOREGROUND = 0.5         # a pixel whose brightest channel is ≥ this (of 1) belongs to the digit
 CONFIDENT = 0.9          # softmax probability of "a confidently recognised digit"
 MAX_REFERENCE = 10_000   # real images per split behind the reference features
-BATCH = 1000             # images per classifier forward pass
 EPOCHS = {"digit": 3, "celeba": 15}   # classifier training epochs; get_evaluator(epochs=) overrides
-
-
-# ------------------------------------------------------------------------------------ classifiers
-class ConvNet(nn.Module):
-    """Three conv-BN-ReLU-maxpool blocks, a 128-d penultimate layer (the FID-C features), a head."""
-
-    def __init__(self, in_channels: int, num_classes: int, widths=(16, 32, 64), dim: int = 128):
-        super().__init__()
-        layers, c = [], in_channels
-        for w in widths:
-            layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
-            c = w
-        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(c * 16, dim), nn.ReLU())
-        self.head = nn.Linear(dim, num_classes)
-
-    def features(self, x):                      # x float in [0, 1], [B, C, H, W]
-        return self.body(x * 2 - 1)             # [B, 128]
-
-    def forward(self, x):
-        return self.head(self.features(x))      # [B, num_classes]
-
-
-def train_classifier(net, images, targets, *, epochs, device, seed=0, flip=False, desc="classifier"):
-    """Adam with a one-cycle schedule, batch 256, seeded order; images uint8 [N, C, H, W]."""
-    gen = torch.Generator().manual_seed(seed)
-    net.to(device).train()
-    batch = min(256, len(images))
-    per_epoch = len(images) // batch
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * per_epoch)
-    bar = tqdm(total=epochs * per_epoch, desc=f"training {desc}", leave=False)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(images), generator=gen)[:per_epoch * batch].split(batch):
-            x = images[idx].to(device).float() / 255                       # [B, C, H, W]
-            if flip:  # mirror half the faces: a free augmentation for a small training set
-                mirror = (torch.rand(len(x), generator=gen) < 0.5).to(device)
-                x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
-            loss = F.cross_entropy(net(x), targets[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    bar.close()
-    return net.eval()
-
-
-@torch.inference_mode()
-def predict(net, images, device):
-    """uint8 [N, C, H, W] -> (softmax [N, classes], features [N, 128]) on the CPU, in batches."""
-    probs, feats = [], []
-    for x in images.split(BATCH):
-        f = net.features(x.to(device).float() / 255)
-        probs.append(net.head(f).softmax(1).cpu())
-        feats.append(f.cpu())
-    return torch.cat(probs), torch.cat(feats)
-
-
-def cached_classifier(path: Path, in_channels, num_classes, train, test, *, epochs, device, flip=False, seed=0):
-    """Load `path`, or train a seeded ConvNet on train() = (uint8 images, targets), measure its accuracy
-    on test = (images, targets) and save {weights, accuracy} atomically. -> (net, accuracy)."""
-    with torch.random.fork_rng(devices=[]):     # seeded initial weights; the caller's RNG is untouched
-        torch.manual_seed(seed)
-        net = ConvNet(in_channels, num_classes)
-    ckpt = datafiles.load_cache(path, lambda c: isinstance(c, dict) and {"state_dict", "accuracy"} <= c.keys())
-    if ckpt is not None:                        # absent, or unreadable (then retrained)
-        net.load_state_dict(ckpt["state_dict"])
-        return net.to(device).eval(), ckpt["accuracy"]
-    images, targets = train()
-    train_classifier(net, images, targets, epochs=epochs, device=device, seed=seed, flip=flip, desc=path.stem)
-    accuracy = (predict(net, test[0], device)[0].argmax(1) == test[1]).double().mean().item()
-    datafiles.save_cache({"state_dict": net.state_dict(), "accuracy": accuracy}, path)   # per-process temp name
-    return net, accuracy
 
 
 def foreground_color(images) -> torch.Tensor:
@@ -179,13 +105,18 @@ class Evaluator:
 
     def features(self, images) -> torch.Tensor:
         """float [N, D]: the CNN's penultimate layer (cmnist: + the scaled foreground color)."""
+        return self.read_features(images)[0]
+
+    def read_features(self, images) -> tuple:
+        """(features [N, D], the same CNN's max softmax [N]) from one forward pass."""
         images = check_images(images)
         if self.cfg.dataset == "celeba":
-            return predict(self.nets["gender"], images, self.device)[1]     # [N, 128]
-        feats = self._digits(images)[1]                                     # [N, 128]
+            probs, feats = predict(self.nets["gender"], images, self.device)   # [N, 2], [N, 128]
+        else:
+            probs, feats = self._digits(images)                                 # [N, 10], [N, 128]
         if self.cfg.dataset == "cmnist":
             feats = torch.cat([feats, self.color_scale * foreground_color(images)], 1)  # [N, 131]
-        return feats
+        return feats, probs.max(1).values
 
     def real_features(self, cfg: DataConfig, split: str):
         """(features [M, D], true group [M]) of up to MAX_REFERENCE real images (seeded pick), cached."""
@@ -195,6 +126,10 @@ class Evaluator:
             pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:MAX_REFERENCE]
             self.memo[key] = self.features(real.images[pick]), real.group[pick]
         return self.memo[key]
+
+    def real_moments(self, cfg: DataConfig, split: str) -> tuple:
+        """metrics.group_moments of real_features(cfg, split): FID-C's real side for every arm."""
+        return group_moments(*self.real_features(cfg, split), self.num_groups)
 
 
 def check_images(images) -> torch.Tensor:
@@ -246,8 +181,7 @@ def reference(evaluator: Evaluator, data_cfg: DataConfig, n: int = 2000) -> dict
     train = load(data_cfg, "train")
     p = group_shares(train.group, evaluator.num_groups)
     train_features, _ = evaluator.real_features(data_cfg, "train")
-    test_features, test_groups = evaluator.real_features(data_cfg, "test")
-    floor = frechet_distance(train_features[:n], test_features, share_weights(test_groups, p))
+    floor = frechet_to_reference(train_features[:n], evaluator.real_moments(data_cfg, "test"), p)
     return {"group_names": train.group_names, "train_p_hat": p.tolist(), "train_FD_half_l1": fd_half_l1(p).item(),
             "train_FD_l2": fd_l2(p).item(), "FID_C_floor": floor, "FID_C_floor_n": min(n, len(train_features))}
 
@@ -265,18 +199,18 @@ def pooled_images(arm: dict, per_condition: int = None) -> torch.Tensor:
 
 def evaluate_arm(arm: dict, evaluator: Evaluator, real) -> dict:
     """Every metric the arm's images allow (SPD needs cond_images; Bias and cond_acc class_images).
-    real = (test features, test groups) from Evaluator.real_features."""
+    real = the test features' group moments, Evaluator.real_moments."""
     pool, k = pooled_images(arm), evaluator.num_groups
     groups = evaluator.groups(pool)                                                      # [N]
     p, ci = group_shares(groups, k), bootstrap(groups, k)
-    features, (test_features, test_groups) = evaluator.features(pool), real
+    features, confidence = evaluator.read_features(pool)                                 # [N, D], [N]
     matched = p if p.sum() > 0 else torch.full((k,), 1 / k)      # no sample in any group: balanced
     out = {"name": arm["name"], "n": len(pool), "no_group": (groups < 0).double().mean().item(),
            "p_hat": p.tolist(), "p_hat_ci": ci["p_hat"].tolist(),
            "FD_half_l1": fd_half_l1(p).item(), "FD_half_l1_ci": ci["FD_half_l1"].tolist(),
            "FD_l2": fd_l2(p).item(), "FD_l2_ci": ci["FD_l2"].tolist(),
-           "FID_C": frechet_distance(features, test_features, share_weights(test_groups, matched)),
-           "FID_C_vs_balanced": frechet_distance(features, test_features)}
+           "FID_C": frechet_to_reference(features, real, matched),
+           "FID_C_vs_balanced": frechet_to_reference(features, real), "confidence": confidence.mean().item()}
     if arm.get("cond_images"):
         success = {}
         for a, images in arm["cond_images"].items():
@@ -313,7 +247,7 @@ def evaluate_arms(arms, evaluator: Evaluator, data_cfg: DataConfig, out_dir, *, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics["reference"] = reference(evaluator, data_cfg, n=max(len(pooled_images(arm)) for arm in arms))
-    real = evaluator.real_features(data_cfg, "test")
+    real = evaluator.real_moments(data_cfg, "test")
     metrics["arms"] = [evaluate_arm(arm, evaluator, real) for arm in tqdm(arms, desc="evaluate", leave=False)]
     metrics.update(extra or {})
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -335,8 +269,8 @@ DEFINITIONS = [
     "FID-C = Fréchet distance of the evaluation classifier's penultimate features (cmnist: and foreground color) "
     "to real test images reweighted to the arm's group share; not Inception-FID, never compare the two."]
 METRIC_KEYS = {"name", "n", "no_group", "p_hat", "p_hat_ci", "FD_half_l1", "FD_half_l1_ci", "FD_l2", "FD_l2_ci",
-               "FID_C", "FID_C_vs_balanced", "SPD", "success_rate", "Bias_mean", "Bias_std", "Bias_per_class",
-               "FD_half_l1_per_class", "cond_acc"}
+               "FID_C", "FID_C_vs_balanced", "confidence", "SPD", "success_rate", "Bias_mean", "Bias_std",
+               "Bias_per_class", "FD_half_l1_per_class", "cond_acc"}
 
 
 def format_table(metrics: dict) -> str:

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid
+from tqdm import tqdm
 
 import evaluate
 import metrics
@@ -189,9 +190,9 @@ def settings(results) -> list:
 def read_samples(samples, evaluator, data_cfg, per_class: int):
     """Bias, cond acc, FID-C, FD of every (fields, uint8 [C·n, 3, H, W]) -> result rows, and the first 8
     samples per class of the first seed of each (arm, r, scale) for the grids."""
-    real = evaluator.real_features(data_cfg, "test")
+    real = evaluator.real_moments(data_cfg, "test")
     rows, grids = [], {}
-    for fields, images in samples:
+    for fields, images in tqdm(samples, desc="evaluating", leave=False):
         by_class = images.unflatten(0, (-1, per_class))                               # [C, n, 3, H, W]
         arm = {"name": fields["arm"], "class_images": dict(enumerate(by_class))}
         row = evaluate.evaluate_arm(arm, evaluator, real)

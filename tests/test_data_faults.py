@@ -466,12 +466,12 @@ def test_the_decode_cache_follows_the_run_root(tmp_path, monkeypatch):
 
 def test_a_truncated_classifier_cache_is_retrained(tmp_path, capsys):
     """An evaluation classifier whose cache was cut off is trained again, not a traceback."""
-    import evaluate
+    import classifiers
     images, targets = torch.randint(0, 256, (64, 1, 32, 32), dtype=torch.uint8), torch.arange(64) % 10
     path = tmp_path / "digit.pt"
     kw = dict(epochs=1, device="cpu")
-    _, first = evaluate.cached_classifier(path, 1, 10, lambda: (images, targets), (images, targets), **kw)
+    _, first = classifiers.cached_classifier(path, 1, 10, lambda: (images, targets), (images, targets), **kw)
     path.write_bytes(path.read_bytes()[:100])
-    _, again = evaluate.cached_classifier(path, 1, 10, lambda: (images, targets), (images, targets), **kw)
+    _, again = classifiers.cached_classifier(path, 1, 10, lambda: (images, targets), (images, targets), **kw)
     assert again == first and "unreadable" in capsys.readouterr().err
-    assert evaluate.cached_classifier(path, 1, 10, None, None, **kw)[1] == first      # read back, not retrained
+    assert classifiers.cached_classifier(path, 1, 10, None, None, **kw)[1] == first      # read back, not retrained

@@ -223,7 +223,7 @@ def test_spd_success_needs_a_confident_digit(fake_evaluator, fake_root):
     evaluator.classes = lambda images: (torch.zeros(len(images), dtype=torch.long),
                                         torch.where(images[:, 0].flatten(1).amax(1) > 0, 1.0, 0.5))
     arm = {"name": "cond", "cond_images": {g: test.images[test.group == g][:50] for g in (0, 1)}}
-    out = evaluate_arm(arm, evaluator, evaluator.real_features(cfg, "test"))
+    out = evaluate_arm(arm, evaluator, evaluator.real_moments(cfg, "test"))
     assert out["success_rate"] == {"0": 1.0, "1": 0.0} and out["SPD"] == 1.0
 
 
