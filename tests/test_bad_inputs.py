@@ -1,10 +1,11 @@
 """Bad command-line values: each command line refuses them with one line (`error: ...`, exit 2) that
 names the flag, before anything trains or is written, leaving the run and data folders byte-identical.
 
-The cases complement test_core.py's BAD_INPUT table (bad files and folders, the first flags)."""
+The cases complement test_core.py's BAD_INPUT table (bad files and folders, the first flags). Each runs
+as `python SCRIPT ARGS` through tests/cli.py (a forked child of a process that imported torch once;
+tests/test_cli.py checks that it prints what a new interpreter prints)."""
 import hashlib
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's flat modules without installing
+import cli  # noqa: E402  (tests/cli.py)
 import evaluate  # noqa: E402
 from data import DataConfig  # noqa: E402
 from idx import write_mnist  # noqa: E402  (tests/idx.py)
@@ -114,8 +116,7 @@ def test_bad_value_is_one_line_naming_the_flag_and_changes_nothing(case, mnist_r
            "OMP_NUM_THREADS": "1"}
     before_runs, before_data = tree(runs), tree(mnist_root)
     try:
-        r = subprocess.run([sys.executable, script, *argv], cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=60)
+        r = cli.run([script, *argv], cwd=REPO, env=env, timeout=60)
     finally:
         if name.endswith("read-only"):
             (runs / "cmnist" / "base-0123abcd" / "eval").chmod(0o700)

@@ -8,7 +8,6 @@ of JPEGs in the real layout."""
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torchvision
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's flat modules without installing
+import cli  # noqa: E402  (tests/cli.py)
 import data  # noqa: E402
 import ddpm  # noqa: E402
 import vae  # noqa: E402
@@ -547,8 +547,8 @@ def test_same_seed_same_base_model_and_samples(mnist_root, tmp_path, monkeypatch
 
 # ================================================================ command lines: bad input
 def run_cli(script, args, env):
-    return subprocess.run([sys.executable, script, "--preset", "tiny", "--device", "cpu", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    """`python script --preset tiny --device cpu args` through tests/cli.py (as a new interpreter runs it)."""
+    return cli.run([script, "--preset", "tiny", "--device", "cpu", *args], cwd=REPO, env=env, timeout=120)
 
 
 def vae_ckpt(runs: Path) -> Path:

@@ -26,6 +26,7 @@ from torchvision.io import encode_jpeg
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))                          # the repo's flat modules without installing
 sys.path.insert(0, str(Path(__file__).parent))
+import cli  # noqa: E402  (tests/cli.py)
 import data  # noqa: E402
 import datafiles  # noqa: E402
 from data import DataConfig  # noqa: E402
@@ -388,9 +389,8 @@ def test_a_truncated_latent_cache_is_rebuilt(tmp_path, capsys):
 def cli_error(root: Path, tmp_path: Path, *flags) -> str:
     """vae.py on data root `root` with flags: it must exit 2 with one line on stderr, returned."""
     env = {**os.environ, "FAIRDIFF_DATA": str(root), "FAIRDIFF_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "vae.py", "--dataset", "cmnist", "--preset", "tiny", "--device", "cpu",
-                        "--runs", str(tmp_path / "runs"), *flags], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = cli.run(["vae.py", "--dataset", "cmnist", "--preset", "tiny", "--device", "cpu",     # tests/cli.py: as
+                 "--runs", str(tmp_path / "runs"), *flags], cwd=REPO, env=env, timeout=120)   # `python vae.py ...`
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     return lines[0]

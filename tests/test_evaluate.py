@@ -7,7 +7,6 @@ k-dependent place, so a few training steps learn it and data.load works unchange
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's flat modules (data.py, evaluate.py) without installing
+import cli  # noqa: E402  (tests/cli.py)
 import data  # noqa: E402
 from data import DataConfig, load  # noqa: E402
 from evaluate import Evaluator, evaluate_arm, evaluate_arms, format_table, get_evaluator  # noqa: E402
@@ -210,8 +210,7 @@ def test_errors_name_the_bad_value(fake_evaluator, tmp_path):
     with pytest.raises(ValueError, match="none of images"):
         evaluate_arms([{"name": "empty"}], fake_evaluator, fake_evaluator.cfg, tmp_path, method="m",
                       preset="tiny", device_name="cpu")
-    run = subprocess.run([sys.executable, "evaluate.py", "--run", str(tmp_path / "missing")], cwd=REPO,
-                         capture_output=True, text=True)
+    run = cli.run(["evaluate.py", "--run", tmp_path / "missing"], cwd=REPO, env=os.environ, timeout=120)
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "missing" in run.stderr
 
 
