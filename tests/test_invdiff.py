@@ -15,6 +15,7 @@ import data  # noqa: E402
 import ddpm  # noqa: E402
 import invdiff  # noqa: E402
 import invdiff_report  # noqa: E402
+import vae  # noqa: E402
 from idx import write_mnist  # noqa: E402  (tests/idx.py)
 from environments import infer_environments, per_sample_losses, project_rows  # noqa: E402
 from invdiff import Guided, build_module, environment_risks, invariance_loss, oracle_cells  # noqa: E402
@@ -348,7 +349,11 @@ def finite(value, key=""):
     return not isinstance(value, float) or math.isfinite(value) or key == "share_of_oracle"
 
 
-def test_tiny_end_to_end_run_writes_the_table_the_arms_and_the_verdict(tmp_path, capsys):
+def test_tiny_end_to_end_run_writes_the_table_the_arms_and_the_verdict(tmp_path, capsys, monkeypatch):
+    """invdiff.py at the tiny preset, but its autoencoder trained 30 steps instead of 300: the run needs one
+    to encode the latents, and nothing below reads its quality (the autoencoder's own training is tested
+    in test_core.py)."""
+    monkeypatch.setitem(vae.PRESETS, "tiny", {**vae.PRESETS["tiny"], "steps": 30, "ckpt_every": 30, "warmup": 3})
     root, runs = write_mnist(tmp_path / "data", bar_digits, 2400, 400), tmp_path / "runs"
     argv = ["--dataset", "cmnist", "--preset", "tiny", "--device", "cpu", "--runs", str(runs), "--data-root", str(root),
             "--steps", "10", "--samples-per-class", "4", "--env-iters", "50", "--table-envs", "2",
