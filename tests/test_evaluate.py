@@ -4,10 +4,12 @@ themselves: test_metrics.py).
 
 Synthetic MNIST: a tiny folder in torchvision's MNIST layout where "digit" k is a bar at a
 k-dependent place, so a few training steps learn it and data.load works unchanged."""
+import contextlib
 import json
 import math
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,6 @@ from evaluate import Evaluator, evaluate_arm, evaluate_arms, format_table, get_e
 from metrics import frechet_distance  # noqa: E402
 from idx import write_mnist  # noqa: E402  (tests/idx.py)
 
-torch.set_num_threads(min(4, os.cpu_count() or 1))
 REAL_ROOT = os.environ.get("FAIRDIFF_DATA", "")
 HAVE_MNIST = bool(REAL_ROOT) and (Path(REAL_ROOT) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists()
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision.io
@@ -31,6 +32,28 @@ needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=NO_MNIST)
 
 
 # ------------------------------------------------------------------------------------ fixtures
+@contextlib.contextmanager
+def evaluation_threads():
+    """torch on up to 4 threads inside, the caller's count after (the other modules' tiny models run on
+    one). While the notebooks execute in the background (tests/test_notebooks.py, thread "notebooks"),
+    their kernel computes on one core: more threads than free cores make OpenMP's waits spin against it
+    (the evaluation CNN took four times as long to train that way)."""
+    cores = os.cpu_count() or 1
+    notebooks = any(t.name == "notebooks" and t.is_alive() for t in threading.enumerate())
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(4, cores - notebooks)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def threads():
+    with evaluation_threads():
+        yield
+
+
 def synthetic_digits(n, seed):
     """uint8 [n, 28, 28] bars: digits 0-4 horizontal at row 3 + 5k, digits 5-9 vertical; labels [n]."""
     gen = torch.Generator().manual_seed(seed)
@@ -54,7 +77,8 @@ def fake_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fake_evaluator(fake_root, tmp_path_factory):
     cfg = DataConfig(dataset="cmnist", data_root=str(fake_root))
-    return get_evaluator(cfg, tmp_path_factory.mktemp("runs"), "cpu", epochs=4)
+    with evaluation_threads():              # session-scoped: set up before the autouse fixture
+        return get_evaluator(cfg, tmp_path_factory.mktemp("runs"), "cpu", epochs=4)
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +87,8 @@ def real_evaluator(tmp_path_factory):
     if not HAVE_MNIST:
         pytest.skip(NO_MNIST)
     runs = tmp_path_factory.mktemp("runs_real")
-    return get_evaluator(DataConfig(dataset="cmnist", data_root=REAL_ROOT), runs, "cpu"), runs
+    with evaluation_threads():
+        return get_evaluator(DataConfig(dataset="cmnist", data_root=REAL_ROOT), runs, "cpu"), runs
 
 
 def test_fid_c_real_far_below_noise_synthetic(fake_evaluator, fake_root):
