@@ -133,7 +133,7 @@ show(samples[:48], nrow=16, title="unconditional samples of the base model")
 latents = vae.encode_dataset(pipe.vae, pipe.run_dir.parent / pipe.cfg.vae, pipe.data_cfg, DEVICE)
 z0, y = latents["z0"], latents["group"]                 # [2000, 4, 8, 8], [2000]
 cfg = ddm.DDMConfig(**{**asdict(data_cfg), **ddm.PRESETS["biased-base"][PRESET], "protocol": "biased-base",
-                       "alphas": "0,0.5", "adversarial": "0.5", "seeds": "0,1", "n_samples": 200})
+                       "alphas": "0,0.5", "adversarial": "0.5", "seeds": "0,1", "n_samples": 100})
 model = ddm.arm_model(pipe, cfg, "fd", 2, seed=0)
 print(model.indicator)
 

@@ -136,10 +136,10 @@ ax1.legend(fontsize=8);
 # ## 2 · The frozen base model
 #
 # The base model is notebook 1's class-conditional $\epsilon_\theta(z_t, t, c)$ ($c$ = digit, the same tiny
-# preset), trained on these images. Their config differs from notebook 1's (the `spurious` field is part of
-# the autoencoder's and the base model's config hash), so `ensure_base` trains a new autoencoder and base
-# model, about a minute on a CPU, or reuses them from the run folder. From here on $\epsilon_\theta$ is
-# frozen.
+# preset), trained on these images. Its config differs from notebook 1's (the `spurious` field is part of
+# the base model's config hash), so `ensure_base` trains a new base model, about half a minute on a CPU, or
+# reuses it from the run folder; the autoencoder is bias-neutral (trained on balanced data, whatever the
+# colors' tie to the digits), so notebook 1's is reused. From here on $\epsilon_\theta$ is frozen.
 #
 # Every InvDiff setting of this notebook is one `InvDiffConfig`: the tiny preset, shortened as the end-to-end
 # test in `tests/test_invdiff.py` shortens it (10 training steps, 4 samples per class, 50 Adam steps on $W$,

@@ -6,8 +6,9 @@ holds exactly its cells (read with jupytext), every code cell executed once, in 
 and every section opens with markdown. The execution tests (real MNIST under FAIRDIFF_DATA) run the
 sources 01 → 02 → 03 with notebooks/execute.py (nbclient + ipykernel, CPU), sharing one fresh run folder
 through FAIRDIFF_RUNS as a student would: the first notebook trains the tiny autoencoder and base model,
-the second reuses them by config hash, the third trains its own pair on spuriously colored digits. A
-notebook that breaks fails here, and so does one whose displayed report is not the one it wrote.
+the second reuses them by config hash, the third reuses the autoencoder and trains its own base model on
+spuriously colored digits. A notebook that breaks fails here, and so does one whose displayed report is
+not the one it wrote.
 """
 import json
 import os
@@ -143,6 +144,7 @@ def test_notebook_02_shows_the_sweep_it_wrote(executed):
 def test_notebook_03_runs_every_invdiff_arm_on_its_frozen_model(executed):
     nb, bases, folder = run(executed, "03_invdiff")
     assert len(bases) == len(executed[0]["02_ddm"][1]) + 1   # its own base, on the spurious data
+    assert len(list(folder.glob("vae-*"))) == 1               # and notebook 1's autoencoder
     summary = json.loads((folder / "invdiff-notebook" / "metrics.json").read_text())
     assert summary["config"]["spurious"] == 0.9 and summary["config"]["samples_per_class"] == 4
     (setting,) = summary["settings"]
