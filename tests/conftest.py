@@ -11,6 +11,9 @@ A test counts as a real-data test when, in this process, it opens a file under $
 by an audit hook on Python's `open` events) or when it is skipped with a reason that names
 FAIRDIFF_DATA. A test that reads the data only in a subprocess is not seen: the notebook execution
 tests are, and they are counted among the notebook tests (those of test_notebooks.py).
+
+The notebooks' execution (test_notebooks.py) starts in the background as soon as collection has selected
+a test that needs it, so that its minutes in the notebooks' kernels overlap with the other tests.
 """
 import os
 import sys
@@ -38,6 +41,19 @@ def pytest_configure(config):
                     returncode=pytest.ExitCode.USAGE_ERROR)
     if os.path.isdir(REAL_ROOT):
         sys.addaudithook(_watch_opens)
+
+
+def pytest_collection_finish(session):
+    """The notebooks take minutes, nearly all of it in their own kernel processes, while every test runs on
+    one thread: when a selected test needs them executed, start that now (test_notebooks.start_executing),
+    so that it overlaps with the tests before it instead of adding to them."""
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        start = getattr(getattr(item, "module", None), "start_executing", None)
+        if start and "executed" in getattr(item, "fixturenames", ()):
+            start()
+            return
 
 
 @pytest.hookimpl(hookwrapper=True)

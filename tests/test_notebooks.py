@@ -4,15 +4,20 @@ running top to bottom.
 The structural tests need no data: each committed .ipynb is paired with its source notebooks/NN_*.py and
 holds exactly its cells (read with jupytext), every code cell executed once, in order, without an error,
 and every section opens with markdown. The execution tests (real MNIST under FAIRDIFF_DATA) run the
-sources 01 → 02 → 03 with notebooks/execute.py (nbclient + ipykernel, CPU), sharing one fresh run folder
-through FAIRDIFF_RUNS as a student would: the first notebook trains the tiny autoencoder and base model,
-the second reuses them by config hash, the third reuses the autoencoder and trains its own base model on
-spuriously colored digits. A notebook that breaks fails here, and so does one whose displayed report is
-not the one it wrote.
+sources 01 → 02 → 03 with notebooks/execute.py (nbclient + ipykernel, CPU; in a background thread that
+tests/conftest.py starts once collection is done), sharing one fresh run folder through FAIRDIFF_RUNS as
+a student would: the first notebook trains the tiny autoencoder and base model, the second reuses them by
+config hash, the third reuses the autoencoder and trains its own base model on spuriously colored digits.
+A notebook that breaks fails here, and so does one whose displayed report is not the one it wrote.
 """
+import atexit
+import importlib.util
 import json
 import os
+import shutil
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -82,15 +87,14 @@ def test_setup_cell_installs_the_requirements_before_importing_them(name):
 
 
 # --------------------------------------------------------------------------------------- execution
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory):
+def can_execute() -> bool:
+    """Real MNIST and a Jupyter kernel are there: the notebooks train on the one in the other."""
+    return HAVE_MNIST and all(importlib.util.find_spec(m) is not None for m in ("nbclient", "ipykernel"))
+
+
+def execute_all(runs: Path) -> dict:
     """Run the three notebooks in order in one fresh run folder:
-    {name: (notebook or the exception, the base-model folders after it)}, and the cmnist run folder."""
-    if not HAVE_MNIST:
-        pytest.skip("real MNIST not found: set FAIRDIFF_DATA to the data root (the notebooks train on it)")
-    pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    runs = tmp_path_factory.mktemp("notebook-runs")
+    {name: (notebook or the exception, the base-model folders after it)}."""
     out = {}
     for source in execute.SOURCES:
         try:
@@ -98,7 +102,44 @@ def executed(tmp_path_factory):
         except Exception as e:   # keep going: the later notebooks train what they miss themselves
             nb = e
         out[source.stem] = nb, sorted(p.name for p in (runs / "cmnist").glob("base-*"))
-    return out, runs / "cmnist"
+    return out
+
+
+_execution = {}                  # "thread", "runs", "result": one execution per test session
+
+
+def start_executing():
+    """Start execute_all in a thread, once. The work happens in the notebooks' kernels (other processes),
+    so the tests collected before these run meanwhile: tests/conftest.py calls this when collection has
+    selected a test that uses `executed`, and the fixture waits for the thread."""
+    if _execution or not can_execute():
+        return
+    runs = Path(tempfile.mkdtemp(prefix="notebook-runs-"))
+    atexit.register(shutil.rmtree, runs, ignore_errors=True)
+
+    def work():
+        try:
+            _execution["result"] = execute_all(runs)
+        except BaseException as e:      # reported by the fixture, in the tests that need the notebooks
+            _execution["result"] = e
+    _execution.update(runs=runs, thread=threading.Thread(target=work, name="notebooks", daemon=True))
+    _execution["thread"].start()
+
+
+@pytest.fixture(scope="module")
+def executed():
+    """The three notebooks executed in order in one fresh run folder (started by start_executing, or
+    here): ({name: (notebook or the exception, the base-model folders after it)}, the cmnist run folder)."""
+    if not HAVE_MNIST:
+        pytest.skip("real MNIST not found: set FAIRDIFF_DATA to the data root (the notebooks train on it)")
+    pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    start_executing()
+    _execution["thread"].join()
+    result = _execution["result"]
+    if isinstance(result, BaseException):
+        raise result
+    return result, _execution["runs"] / "cmnist"
 
 
 def run(executed, name):
