@@ -46,7 +46,7 @@ class TrainConfig:
     log_every: int = 50            # loss to log.jsonl / tqdm (the only host-device sync)
     seed: int = 0
     compile: bool = False          # torch.compile the model (CUDA only)
-    cuda_graph: bool = False       # capture the whole step in one CUDA graph (cuda_graph.py; CLI default on one GPU)
+    cuda_graph: str = "auto"       # auto | true | false: replay the step from one CUDA graph (see use_cuda_graph)
     snapshots: str = ""            # steps at which the EMA weights are also kept, as ema_step<N>.pt
 
 
@@ -106,23 +106,24 @@ def parse_config(cls, presets: dict, argv=None, description=""):
         args.preset = "small" if args.device.startswith("cuda") else "tiny"
     values = dict(presets.get(args.preset, {}))
     values.update(explicit_flags(cls, args))
-    if graph_by_default(cls, args.device, values):
-        values["cuda_graph"] = True
     cfg = cls(**values)
     cuda = args.device.startswith("cuda")
+    world = int(os.environ.get("WORLD_SIZE", "1"))                 # torchrun sets WORLD_SIZE
+    graph = isinstance(cfg, TrainConfig) and use_cuda_graph(cfg, cuda, world)
     print(f"preset {args.preset} on {args.device}" + ("" if cuda else " (no GPU: use --preset small on a GPU)")
-          + (" with CUDA graphs (--cuda-graph false: eager)" if cuda and getattr(cfg, "cuda_graph", False) else ""))
+          + (" with CUDA graphs (--cuda-graph false: eager)" if graph else ""))
     return cfg, args
 
 
-def graph_by_default(cls, device: str, values: dict) -> bool:
-    """The command-line default of --cuda-graph: on for one CUDA process unless --cuda-graph or --compile
-    was given. Every train() stage has trained as a graph on an H100 and an H200, and a captured step is
-    1.5–4.3× faster than the eager one (bench/README.md). The dataclass default
-    stays False, so code that builds configs itself (tests, notebooks) runs eagerly unless it asks."""
-    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1     # torchrun sets WORLD_SIZE
-    return (issubclass(cls, TrainConfig) and device.startswith("cuda") and one_process
-            and "cuda_graph" not in values and not values.get("compile", False))
+def use_cuda_graph(cfg: TrainConfig, cuda: bool, world: int) -> bool:
+    """Whether train() replays its step from one CUDA graph. `auto` (the default, from code and from the
+    command line alike): on for one CUDA process unless --compile is on; every train() stage has trained
+    as a graph on an H100 and an H200, and a captured step is 1.5–4.3× faster than the eager one
+    (bench/README.md). `true` asks for it (refused under torchrun), `false` never; on a CPU it is off."""
+    mode = str(cfg.cuda_graph).lower()                             # True / False from code read as true / false
+    if mode == "true" and world > 1:
+        raise ConfigError("--cuda-graph true trains in one process only (not under torchrun)")
+    return cuda and world == 1 and (mode == "true" or (mode == "auto" and not cfg.compile))
 
 
 def explicit_flags(cls, args) -> dict:
@@ -192,7 +193,9 @@ def check_train_config(cfg: TrainConfig):
     if cfg.steps < 0 or cfg.batch_size <= 0 or cfg.lr <= 0:
         raise ConfigError(f"--steps {cfg.steps} must be >= 0, --batch-size {cfg.batch_size} and "
                           f"--lr {cfg.lr} > 0")
-    if cfg.compile and cfg.cuda_graph:
+    if str(cfg.cuda_graph).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"--cuda-graph {cfg.cuda_graph!r}: choose auto, true or false")
+    if cfg.compile and str(cfg.cuda_graph).lower() == "true":
         raise ConfigError("--compile true and --cuda-graph true: choose one (both remove launch overhead)")
     if cfg.grad_clip_mode not in ("norm", "value"):
         raise ConfigError(f"--grad-clip-mode {cfg.grad_clip_mode!r}: choose norm or value")

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from config import (ConfigError, Stopped, TrainConfig, check_train_config, check_writable, comparable,
-                    snapshot_steps)
+                    snapshot_steps, use_cuda_graph)
 from cuda_graph import GraphStep, match_optimizer
 from datafiles import save_cache, write_atomic
 from stack import clip_per_arm
@@ -355,9 +355,7 @@ def train(model: torch.nn.Module, loss_fn, cfg: TrainConfig, out: Path, *, param
     check_train_config(cfg)
     rank, world = distributed()
     out, cuda, stacked = Path(out), str(device).startswith("cuda"), arm_seeds is not None
-    graph = cfg.cuda_graph and cuda
-    if graph and world > 1:
-        raise ConfigError("--cuda-graph true trains in one process only (not under torchrun)")
+    graph = use_cuda_graph(cfg, cuda, world)
     if stacked and world > 1:
         raise ConfigError("stacked arms train in one process (not under torchrun)")
     params = [p for p in (params or model.parameters()) if p.requires_grad]

@@ -237,23 +237,28 @@ def test_a_failed_capture_says_how_to_train_eagerly(monkeypatch):
         step(0)
 
 
-def test_cuda_graph_is_the_command_line_default_on_one_gpu_only(monkeypatch):
-    """parse_config turns --cuda-graph on for one CUDA process, and leaves it off on CPU, under torchrun,
-    with --compile true, or when given. (A machine with two GPUs is faked: --device cuda is refused
-    without one.)"""
+def test_cuda_graph_default_is_auto_from_code_and_command_line_alike(monkeypatch):
+    """--cuda-graph is `auto` in the dataclass and on the command line alike, and auto replays the step
+    from a graph for one CUDA process only: not on a CPU, under torchrun, or with --compile true. (A
+    machine with two GPUs is faked for the parser: --device cuda is refused without one.)"""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    def graph(*argv):
-        return config.parse_config(ddpm.DiffusionConfig, {}, list(argv))[0].cuda_graph
-    assert graph("--device", "cuda") and graph("--device", "cuda:1")
-    assert not graph("--device", "cpu")
-    assert not graph("--device", "cuda", "--cuda-graph", "false")
-    assert not graph("--device", "cuda", "--compile", "true")
-    assert graph("--device", "cpu", "--cuda-graph", "true")             # asked for: kept (a no-op on CPU)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert not graph("--device", "cuda")
-    assert TrainConfig().cuda_graph is False                            # code that builds configs: eager
+
+    def parsed(*argv):
+        return config.parse_config(ddpm.DiffusionConfig, {}, list(argv))[0]
+    assert parsed("--device", "cuda").cuda_graph == parsed("--device", "cpu").cuda_graph == TrainConfig().cuda_graph == "auto"
+    use = config.use_cuda_graph
+    assert use(TrainConfig(), cuda=True, world=1)
+    assert not use(TrainConfig(), cuda=False, world=1)
+    assert not use(TrainConfig(), cuda=True, world=2)
+    assert not use(TrainConfig(compile=True), cuda=True, world=1)
+    assert not use(parsed("--device", "cuda", "--cuda-graph", "false"), cuda=True, world=1)
+    assert use(TrainConfig(cuda_graph=True), cuda=True, world=1)            # a bool from code reads as true
+    with pytest.raises(config.ConfigError, match="one process only"):
+        use(TrainConfig(cuda_graph="true"), cuda=True, world=2)
+    with pytest.raises(config.ConfigError, match="choose auto, true or false"):
+        config.check_train_config(TrainConfig(cuda_graph="yes"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
