@@ -99,7 +99,7 @@ def test_runtime_flags_reach_the_base_model(monkeypatch):
     """--cuda-graph / --compile change how every stage runs: ddm.py passes them to the base model's
     config (and ensure_base to the autoencoder's; test_invdiff's end-to-end run checks both)."""
     base_cfg = base_config_of(monkeypatch, "--cuda-graph", "true")
-    assert isinstance(base_cfg, ddpm.DiffusionConfig) and base_cfg.cuda_graph and not base_cfg.compile
+    assert isinstance(base_cfg, ddpm.DiffusionConfig) and base_cfg.cuda_graph == "true" and not base_cfg.compile
 
 
 # ============================================================================ the authors' regime
