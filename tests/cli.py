@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+OWN_FOLDERS = (REPO, REPO / "tests", REPO / "notebooks")   # the project's modules (not a virtualenv inside it)
 LIBRARIES = ("numpy", "PIL.Image", "tqdm", "torch", "torch.nn.functional", "torch.distributed", "torchvision",
              "torchvision.io", "torchvision.utils", "matplotlib", "matplotlib.figure")
 _servers = {}                    # library environment -> Popen of its server
@@ -139,7 +140,7 @@ def _child(request: dict, out: str, err: str, protocol: int):
         sys.path[0] = os.path.dirname(os.path.abspath(script))
         for name, module in list(sys.modules.items()):
             path = getattr(module, "__file__", None)
-            if name != "__main__" and path and Path(path).resolve().is_relative_to(REPO):
+            if name != "__main__" and path and Path(path).resolve().parent in OWN_FOLDERS:
                 del sys.modules[name]
         import runpy
         try:
