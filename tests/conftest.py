@@ -43,13 +43,14 @@ def pytest_configure(config):
         sys.addaudithook(_watch_opens)
 
 
-def pytest_collection_finish(session):
+@pytest.hookimpl(trylast=True)                  # after -k / -m have deselected what they deselect
+def pytest_collection_modifyitems(config, items):
     """The notebooks take minutes, nearly all of it in their own kernel processes, while every test runs on
     one thread: when a selected test needs them executed, start that now (test_notebooks.start_executing),
     so that it overlaps with the tests before it instead of adding to them."""
-    if session.config.option.collectonly:
+    if config.option.collectonly:
         return
-    for item in session.items:
+    for item in items:
         start = getattr(getattr(item, "module", None), "start_executing", None)
         if start and "executed" in getattr(item, "fixturenames", ()):
             start()

@@ -105,7 +105,7 @@ def execute_all(runs: Path) -> dict:
     return out
 
 
-_execution = {}                  # "thread", "runs", "result": one execution per test session
+_execution = {}                  # "thread", "runs", "result": one execution per pytest run
 
 
 def start_executing():
