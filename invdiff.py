@@ -270,7 +270,7 @@ def train_arms(pipe, cfg: InvDiffConfig, arms, envs, z0, label, out) -> Stacked:
     lam = torch.tensor([arm.lam for arm in arms], device=device)                             # [A]
     r = torch.full((len(arms),), cfg.train_ratio, device=device)                             # [A]
     seeds = list(dict.fromkeys(arm.seed for arm in arms))                                    # S distinct
-    first = [[arm.seed for arm in arms].index(s) for s in seeds]                             # an arm per seed
+    first = torch.tensor([[arm.seed for arm in arms].index(s) for s in seeds], device=device)  # an arm per seed
     row = torch.tensor([seeds.index(arm.seed) for arm in arms], device=device)              # arm -> its seed
 
     def shared_eps_theta(z_t, t, cond):                  # [A, B, c, h, w] from S·B base predictions

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,3 +37,21 @@ def test_stacked_arms_sharing_the_base_prediction_train_like_lone_arms(tmp_path)
         for together, lone in zip(stacked, alone):
             torch.testing.assert_close(together[a], lone[0], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(stacked[-1][0], stacked[-1][2])     # the arms did train apart
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_stacked_arms_train_the_same_captured_as_a_cuda_graph(tmp_path):
+    """On a GPU the default step is captured as a CUDA graph; capture refuses any host-to-device copy
+    (an index built from a Python list is one), and the captured step must train what the eager one does."""
+    torch.manual_seed(0)
+    base = UNet(4, (16, 32), 1, 10, 8).cuda()
+    pipe = SimpleNamespace(unet=base, cfg=ddpm.base_config(DataConfig(), "tiny"), device="cuda")
+    g = torch.Generator().manual_seed(2)
+    z0, label = torch.randn(64, 4, 8, 8, generator=g).cuda(), torch.randint(0, 10, (64,), generator=g).cuda()
+    W = project_rows(torch.rand(64, 2, generator=g)).cuda()
+    arms, envs = [invdiff.Arm("inferred", 1.0, 0), invdiff.Arm("inferred", 10.0, 1)], [W, W]
+    common = {**invdiff.PRESETS["tiny"], "steps": 8, "ckpt_every": 8}
+    runs = {graph: invdiff.train_arms(pipe, invdiff.InvDiffConfig(**common, cuda_graph=graph), arms, envs, z0,
+                                      label, tmp_path / graph).stacked for graph in ("true", "false")}
+    for captured, eager in zip(runs["true"], runs["false"]):
+        torch.testing.assert_close(captured, eager, rtol=1e-3, atol=1e-5)
