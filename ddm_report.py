@@ -263,11 +263,8 @@ def write_report(results: dict, cfg, pipe, evaluator, confusion, out: Path, *, p
 
 
 def trajectory_rows(trajectory: list, keys: list) -> list:
-    rows = []
-    for step in sorted({m["step"] for m in trajectory}):
-        for row in aggregate([m for m in trajectory if m["step"] == step], keys):
-            rows.append({**row, "step": step})
-    return rows
+    return [{**row, "step": step} for step in sorted({m["step"] for m in trajectory})
+            for row in aggregate([m for m in trajectory if m["step"] == step], keys)]
 
 
 def strip(m: dict) -> dict:
@@ -281,11 +278,9 @@ def file_name(m) -> str:
 
 # ------------------------------------------------------------------------------------------ markdown
 def cell(summary: dict, digits=3) -> str:
-    """'mean [lo, hi]' of a seed_summary (just the mean for one seed)."""
-    if summary is None:
-        return "–"
-    if summary["n"] < 2:
-        return f"{summary['mean']:.{digits}f}"
+    """'mean [lo, hi]' of a seed_summary (just the mean for one seed, '–' for none)."""
+    if summary is None or summary["n"] < 2:
+        return "–" if summary is None else f"{summary['mean']:.{digits}f}"
     return f"{summary['mean']:.{digits}f} [{summary['lo']:.{digits}f}, {summary['hi']:.{digits}f}]"
 
 
@@ -366,7 +361,7 @@ def plot_tradeoff(summary: dict, path: Path):
     for i, (scenario, scale, ratio) in enumerate(panels):
         ax = fig.add_subplot(-(-len(panels) // cols), cols, i + 1)
         res, key = summary["scenarios"][scenario], "FD" if scenario == "fd" else "SPD"
-        rows = [r for r in res["rows"] if r["scale"] == scale and r["ratio"] == ratio]
+        rows, labels = [r for r in res["rows"] if r["scale"] == scale and r["ratio"] == ratio], []
         for kind, style in (("ddm", "o-"), ("adversarial", "s--")):
             mine = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["alpha"])
             if not mine:
@@ -374,9 +369,7 @@ def plot_tradeoff(summary: dict, path: Path):
             x, y = [r[key]["mean"] for r in mine], [r["FID_C"]["mean"] for r in mine]
             err = [[r[key]["mean"] - r[key]["lo"] for r in mine], [r[key]["hi"] - r[key]["mean"] for r in mine]]
             ax.errorbar(x, y, xerr=err, fmt=style, capsize=2, label=kind, ms=4)
-            for j, r in enumerate(mine):
-                ax.annotate(f"{r['alpha']:g}", (x[j], y[j]), textcoords="offset points", xytext=(4, 4 + 7 * (j % 2)),
-                            fontsize=7)
+            labels.append((kind, mine, x, y))
         for r in rows:
             if r["kind"] == "rebalanced":
                 ax.plot(r[key]["mean"], r["FID_C"]["mean"], "*", ms=11, c="k", label="rebalanced α=0")
@@ -390,6 +383,23 @@ def plot_tradeoff(summary: dict, path: Path):
         ys = [r["FID_C"]["mean"] for r in rows]
         if ys and min(ys) > 0 and max(ys) / min(ys) > 10:
             ax.set_yscale("log")
+        for kind, mine, x, y in labels:            # α labels; points closer than 25 px share one label
+            px = ax.transData.transform(list(zip(x, y)))                                   # [n, 2] pixels
+            for group in near_groups(px, 25.0):
+                ax.annotate(", ".join(f"{mine[j]['alpha']:g}" for j in group), (x[group[0]], y[group[0]]),
+                            textcoords="offset points", xytext=(5, 5) if kind == "ddm" else (-6, 3),
+                            ha="left" if kind == "ddm" else "right", fontsize=7, color=f"C{kind != 'ddm':d}")
         ax.set(xlabel=f"{key} (95% CI across seeds)", ylabel="FID-C", title=f"{scenario.upper()} · train {ratio or 'data'} · CFG {scale:g}")
         ax.legend(fontsize=6)
     fig.savefig(path, dpi=110)
+
+
+def near_groups(points, min_dist: float) -> list:
+    """Indices of points [n, 2] in order, in runs within min_dist of the run's first point (one label each)."""
+    groups = []
+    for j, p in enumerate(points):
+        if groups and ((p - points[groups[-1][0]]) ** 2).sum() ** 0.5 < min_dist:
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+    return groups

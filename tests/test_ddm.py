@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ddm  # noqa: E402
+import ddm_report  # noqa: E402
 import ddpm  # noqa: E402
 import vae as vae_lib  # noqa: E402
 from unet import UNet  # noqa: E402
@@ -172,3 +173,12 @@ def tiny_pipe():
     torch.manual_seed(0)
     autoencoder = vae_lib.build(vae_lib.vae_config(ddpm.data.DataConfig(), "tiny"))
     return ddpm.Pipeline(cfg, autoencoder, ddpm.build_unet(cfg, 10), "tiny", "cpu")
+
+
+def test_plot_labels_group_only_points_within_the_distance_of_a_runs_first_point():
+    """The trade-off plot names nearby α points with one label; a chain of near points does not merge
+    into one run once it has drifted min_dist from the run's first point."""
+    points = torch.tensor([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0], [30.0, 0.0], [31.0, 0.0], [100.0, 0.0]])
+    assert ddm_report.near_groups(points, 25.0) == [[0, 1, 2], [3, 4], [5]]
+    assert ddm_report.near_groups(points, 1.0) == [[0], [1], [2], [3], [4], [5]]
+
