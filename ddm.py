@@ -162,10 +162,7 @@ def ddm_loss(output, target, logits, y, alpha, ce_mask=None):
     [..., B, c, h, w], logits [..., B, K], y [..., B], α a number or [...] -> [...] (e.g. one per arm)."""
     mse = (output.float() - target).square().flatten(-4).mean(-1)                       # [...]
     ce = F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), reduction="none").view(y.shape)   # [..., B]
-    if ce_mask is not None:
-        ce = (ce * ce_mask).sum(-1) / ce_mask.sum(-1).clamp(min=1)
-    else:
-        ce = ce.mean(-1)
+    ce = ce.mean(-1) if ce_mask is None else (ce * ce_mask).sum(-1) / ce_mask.sum(-1).clamp(min=1)   # [...]
     return (1 - alpha) * mse + alpha * ce
 
 
@@ -179,9 +176,7 @@ def class_row(protocol: str, scenario: str, null: int, y: torch.Tensor) -> torch
     """The class row an arm conditions on for samples of group y (int64 tensor), in training,
     sampling and diagnostics alike: its group's row (SPD), the prompt row (prior FD), or ∅ itself
     (biased-base FD). The rows new_rows appends follow ∅ = null."""
-    if scenario == "spd":
-        return null + 1 + y
-    return torch.full_like(y, null + 1 if protocol == "prior" else null)
+    return null + 1 + y if scenario == "spd" else torch.full_like(y, null + 1 if protocol == "prior" else null)
 
 
 def arm_model(pipe, cfg: DDMConfig, scenario: str, num_groups: int, seed: int) -> DDMModel:
