@@ -28,36 +28,23 @@
 # experiment with the verdict its report writes.
 
 # %%
-import importlib.util
 import json
-import os
-import re
-import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-# Work from the repository root (the project's modules are flat files there), whether Jupyter
-# started in the root or in notebooks/. In a hosted notebook, clone the repository and open the
-# notebook from the clone (or `%cd` into it) first.
+# The repository root holds the project's modules (flat files) and notebooks/setup_notebook.py, the setup
+# the three notebooks share; Jupyter may have started in the root or in notebooks/. In a hosted notebook,
+# clone the repository and open the notebook from the clone (or `%cd` into it) first.
 ROOT = next((p for p in (Path.cwd(), Path.cwd().parent) if (p / "ddpm.py").exists()), None)
 if ROOT is None:
-    raise FileNotFoundError(f"no ddpm.py in {Path.cwd()} or its parent: clone the repository and open "
-                            "the notebook from it")
-os.chdir(ROOT)
-sys.path.insert(0, str(ROOT))
-
-# A fresh Python (a hosted notebook) may lack the requirements: then install them into this kernel.
-required = [re.split(r"[<>=!~ ]", line)[0] for line in Path("requirements.txt").read_text().splitlines() if line.strip()]
-if any(importlib.util.find_spec(name) is None for name in required):
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"])
+    raise FileNotFoundError(f"no ddpm.py in {Path.cwd()} or its parent: clone the repository and open the notebook from it")
+sys.path.insert(0, str(ROOT / "notebooks"))
+from setup_notebook import DEVICE, PRESET, RUNS, setup, show
+setup(ROOT)   # before importing torch: a fresh Python (a hosted notebook) gets requirements.txt installed here
 
 import torch
-torch.set_num_threads(1)   # the tiny models gain nothing from more threads; on a busy CPU extra threads spin-wait
-RUNS = os.environ.get("FAIRDIFF_RUNS", "runs")   # run folders; a stage already there (same config hash) is reused
-PRESET, DEVICE = "tiny", "cpu"
-
 import data
 import ddpm
 import environments
@@ -72,22 +59,6 @@ from config import config_hash
 import matplotlib.pyplot as plt   # after the imports: ddpm.py selects the file-only Agg backend for its CLI
 from IPython.display import Image, Markdown, display
 from torchvision.io import ImageReadMode, encode_jpeg, read_image
-from torchvision.utils import make_grid
-
-
-def show(images, nrow=16, title="", ax=None):
-    """Draw uint8 images [N, 3, H, W] as one grid."""
-    grid = make_grid(images.cpu().float() / 255, nrow=nrow, padding=1, pad_value=1)   # [3, H', W']
-    if ax is None:
-        rows = -(-len(images) // nrow)
-        ax = plt.figure(figsize=(0.36 * nrow, 0.36 * rows + 0.4)).gca()   # about one screen pixel per image pixel
-    ax.imshow(grid.permute(1, 2, 0).numpy())
-    ax.set_title(title)
-    ax.axis("off")
-
-
-print(f"preset {PRESET} on {DEVICE}; data root {data.data_root(data.DataConfig()).resolve()}; "
-      f"run folders in {Path(RUNS).resolve()}")
 
 # %% [markdown]
 # ## 1 · Colored MNIST with a spurious color

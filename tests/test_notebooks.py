@@ -3,18 +3,23 @@ running top to bottom.
 
 The structural tests need no data: each committed .ipynb is paired with its source notebooks/NN_*.py and
 holds exactly its cells (read with jupytext), every code cell executed once, in order, without an error,
-and every section opens with markdown. The execution tests (real MNIST under FAIRDIFF_DATA) run the
+and every section opens with markdown. The first code cell, whose work is notebooks/setup_notebook.py,
+runs from notebooks/ as from the root, says what to do anywhere else, and installs the requirements into a
+fresh Python before anything imports them. The execution tests (real MNIST under FAIRDIFF_DATA) run the
 sources 01 → 02 → 03 with notebooks/execute.py (nbclient + ipykernel, CPU; in a background thread that
 tests/conftest.py starts once collection is done), sharing one fresh run folder through FAIRDIFF_RUNS as
 a student would: the first notebook trains the tiny autoencoder and base model, the second reuses them by
 config hash, the third reuses the autoencoder and trains its own base model on spuriously colored digits.
 A notebook that breaks fails here, and so does one whose displayed report is not the one it wrote.
 """
+import ast
 import atexit
 import importlib.util
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -80,10 +85,48 @@ def test_every_equation_comes_before_the_cell_that_computes_it(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_setup_cell_installs_the_requirements_before_importing_them(name):
-    """A fresh hosted Python gets going from the first code cell: pip runs before torch is imported."""
+    """A fresh hosted Python gets going from the first code cell: it calls setup_notebook.setup, which runs
+    pip when a requirement is missing, before torch is imported."""
     setup = source_cells(name)[1].source
-    assert "requirements.txt" in setup and '"pip", "install"' in setup
-    assert setup.index('"pip", "install"') < setup.index("import torch")
+    assert "from setup_notebook import" in setup
+    assert setup.index("setup(ROOT)") < setup.index("import torch")
+
+
+def test_setup_notebook_imports_only_the_standard_library_before_installing(tmp_path, monkeypatch):
+    """setup_notebook.py can be imported where torch is not installed yet, and its install step runs pip on
+    requirements.txt exactly when one of the packages listed there cannot be imported."""
+    import setup_notebook
+    tree = ast.parse(Path(setup_notebook.__file__).read_text())
+    imported = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert {name.split(".")[0] for name in imported} <= sys.stdlib_module_names, imported
+
+    calls = []
+    monkeypatch.setattr(setup_notebook.subprocess, "check_call", calls.append)
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("numpy>=1.24\ntorch>=2.4\n")
+    setup_notebook.install_requirements(tmp_path)
+    assert calls == []                                       # all there: nothing installed
+    requirements.write_text("numpy>=1.24\nno_such_package_for_fairdiff>=1.0\n")
+    setup_notebook.install_requirements(tmp_path)
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q", "-r", str(requirements)]]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_setup_cell_finds_the_root_from_notebooks_and_says_what_to_do_elsewhere(name, tmp_path):
+    """Jupyter started in notebooks/ works as from the root (the execution tests start there); from a
+    folder outside the repository the first cell stops with the instruction to open it from a clone."""
+    code = re.sub(r"(?m)^%", "# %", source_cells(name)[1].source)   # line magics back to comments: plain Python
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    inside = subprocess.run([sys.executable, "-c", code], cwd=REPO / "notebooks", env=env,
+                            capture_output=True, text=True)
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout.startswith("preset tiny on cpu; data root ")
+    assert f"run folders in {(REPO / os.environ.get('FAIRDIFF_RUNS', 'runs')).resolve()}" in inside.stdout
+    outside = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert outside.returncode != 0
+    assert (f"FileNotFoundError: no ddpm.py in {tmp_path} or its parent: clone the repository and open the "
+            "notebook from it") in outside.stderr
 
 
 # --------------------------------------------------------------------------------------- execution
