@@ -275,7 +275,8 @@ def train_arms(pipe, cfg: InvDiffConfig, arms, envs, z0, label, out) -> Stacked:
 
     def shared_eps_theta(z_t, t, cond):                  # [A, B, c, h, w] from S·B base predictions
         with torch.no_grad(), torch.autocast("cuda", enabled=False):                        # as in the stack
-            eps = base(z_t[first].flatten(0, 1).float(), t[first].flatten(0, 1), cond[first].flatten(0, 1))
+            eps = base(z_t[first].flatten(0, 1).to(base.conv_in.weight.dtype), t[first].flatten(0, 1),
+                       cond[first].flatten(0, 1))
         return eps.unflatten(0, (len(seeds), -1))[row]
 
     def draw(W, gen):                                    # one arm's batch, as a lone run would draw it

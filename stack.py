@@ -16,8 +16,9 @@ Why this is exactly A separate fine-tunes:
 * gradient clipping by norm is the one coupling step, so it is done per arm (`clip_per_arm`):
   g_a ← g_a · min(1, c / (‖g_a‖ + 1e-6)), ‖g_a‖ over arm a's tensors only (torch's formula);
 * each arm draws its batches from its own seeded generator (train.train with arm_seeds).
-So the stack ends where A lone float32 runs end (tests/test_stack.py); on a GPU a lone run trains
-under bf16 autocast instead (see Precision).
+So the stack ends where A lone runs of its dtype end, up to the rounding of other summation orders
+(tests/test_stack.py compares them in float64); on a GPU a lone run trains under bf16 autocast
+instead (see Precision).
 Tensors no arm trains (the frozen base under LoRA) are not stacked: every arm reads the one copy in
 the template (vmap's in_dims None), so a frozen convolution runs as one plain convolution over A·B
 images instead of a grouped one, and costs no memory per arm.
@@ -26,8 +27,10 @@ Random ops inside the network are refused (randomness="error": the UNet's dropou
 preset), so the stacked forward draws no numbers the separate runs would not.
 
 Precision: the stacked forward runs in float32 (on TF32 tensor cores where the caller allows them, as
-ddm.py and bench_sweep.py do) with the math attention kernel. Under vmap, bf16 autocast does not reach the convolutions (a bf16 activation meets float32
-weights), and the fused attention kernels reject vmap's strides in the backward pass.
+ddm.py and bench_sweep.py do) with the math attention kernel; a stack converted with .double() runs in
+float64 throughout (inputs, forward, per-arm clipping), which is how tests/test_stack.py compares it
+with lone runs. Under vmap, bf16 autocast does not reach the convolutions (a bf16 activation meets
+float32 weights), and the fused attention kernels reject vmap's strides in the backward pass.
 """
 import copy
 
@@ -72,7 +75,8 @@ class Stacked(nn.Module):
         """Every input carries the arm axis first ([A, B, …]); so does every output."""
         def one_arm(theta, *x):
             return functional_call(self.template, dict(zip(self.names, theta)), x)
-        inputs = [x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs]
+        dtype = next(self.template.parameters()).dtype                              # float32 unless converted
+        inputs = [x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs]
         with torch.autocast("cuda", enabled=False), sdpa_kernel(SDPBackend.MATH):    # see Precision
             return vmap(one_arm, randomness="error")(tuple(self.stacked), *inputs)
 
@@ -94,7 +98,8 @@ def clip_per_arm(params, max_norm: float):
         return
     if len({g.shape[0] for g in grads}) != 1:
         raise ValueError("clip_per_arm: every gradient needs the same leading arm axis")
-    norms = torch.stack([g.flatten(1).float().square().sum(1) for g in grads]).sum(0).sqrt()   # [A]
+    acc = torch.promote_types(grads[0].dtype, torch.float32)     # at least float32; float64 grads stay float64
+    norms = torch.stack([g.flatten(1).to(acc).square().sum(1) for g in grads]).sum(0).sqrt()   # [A]
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)                                         # [A]
     for g in grads:
         g.mul_(coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))

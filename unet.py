@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps t [B] -> [B, dim] (Vaswani et al. 2017)."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps t [B] -> [B, dim] (Vaswani et al. 2017), in dtype."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]                              # [B, dim/2]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]                            # [B, dim/2]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)          # [B, dim]
 
 
@@ -114,7 +115,8 @@ class UNet(nn.Module):
         """z [B, c, h, w], t [B] int in [0, T-1], cond [B] int (None or num_classes = ∅)."""
         if cond is None:
             cond = torch.full((z.shape[0],), self.num_classes, device=z.device, dtype=torch.long)
-        emb = self.time_mlp(timestep_embedding(t, self.conv_in.out_channels)) + self.class_emb(cond)  # [B, E]
+        sinusoid = timestep_embedding(t, self.conv_in.out_channels, dtype=self.time_mlp[0].weight.dtype)  # the MLP's
+        emb = self.time_mlp(sinusoid) + self.class_emb(cond)                                               # [B, E]
         h = self.conv_in(z)
         hs = [h]
         for layers in self.down:

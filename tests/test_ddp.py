@@ -7,7 +7,12 @@ Why the comparison is exact up to rounding. Step s uses a fixed global batch of 
 
     ∇ mean_8 ‖ε − ε_θ‖²  =  ½ (∇ mean_rows0 + ∇ mean_rows1)  =  DDP's all-reduced average gradient,
 
-and gradient clipping, AdamW, the LR schedule and the EMA then see the same numbers in both runs.
+and gradient clipping, AdamW, the LR schedule and the EMA then see the same numbers in both runs, up
+to the rounding of the two summation orders. Both runs train in float64: AdamW's step
+lr·m̂/(√v̂ + 1e-8) turns a gradient's rounding error Δg into an update error of up to lr·Δg/1e-8 where
+a gradient is near zero, which in float32 (Δg ~ 1e-9) can reach the learning rate itself, so a float32
+comparison would hold or fail with the CPU's kernels; with float64's Δg ~ 1e-16 the weights stay within
+6 steps · 1e-3 · 1e-16 / 1e-8 = 6e-11 of each other.
 Each step also draws one number from the rank's own generator (not used by the loss), so the
 per-rank generator states that `Checkpoint.save` gathers are observable. The DDP run is interrupted after its
 step-4 checkpoint and resumed, which also exercises loading those states rank by rank.
@@ -25,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's flat modules without installing
 STEPS, GLOBAL_BATCH, LOG_EVERY, CKPT_EVERY = 6, 8, 2, 2
-TOLERANCE = 1e-5               # max |w_ddp − w_single| (float32 rounding through 6 AdamW steps)
+TOLERANCE = 1e-9               # max |w_ddp − w_single| (float64 rounding through 6 AdamW steps, see above)
 NO_CRASH = -1                  # crash_at for an uninterrupted run
 
 
@@ -38,11 +43,11 @@ def worker(out: Path, crash_at: int):
 
     rank, world = distributed()
     torch.manual_seed(0)                                   # identical initial weights on every rank
-    model = UNet(4, (8, 16), num_res_blocks=1, num_classes=3, groups=4)
+    model = UNet(4, (8, 16), num_res_blocks=1, num_classes=3, groups=4).double()
     fixed = torch.Generator().manual_seed(1)
     shape = (STEPS, GLOBAL_BATCH)
-    z_t = torch.randn(*shape, 4, 8, 8, generator=fixed)                    # [steps, 8, 4, 8, 8]
-    eps = torch.randn(*shape, 4, 8, 8, generator=fixed)
+    z_t = torch.randn(*shape, 4, 8, 8, generator=fixed).double()           # [steps, 8, 4, 8, 8]
+    eps = torch.randn(*shape, 4, 8, 8, generator=fixed).double()
     t = torch.randint(0, 1000, shape, generator=fixed)                     # [steps, 8]
     c = torch.randint(0, 4, shape, generator=fixed)                        # class or ∅ = 3
     cfg = TrainConfig(steps=STEPS, batch_size=GLOBAL_BATCH, lr=1e-3, warmup=2, ckpt_every=CKPT_EVERY,
@@ -98,7 +103,9 @@ def test_ddp_matches_one_process_and_only_rank0_writes(tmp_path):
         moved = max((a[key][k] - init[k]).abs().max().item() for k in init)
         assert diff < TOLERANCE, f"{key}: DDP and one process differ by {diff:.2e}"
         assert moved > 100 * TOLERANCE                    # the comparison is not trivially satisfied
-    # the loss is the global batch's mean (all-reduced), not rank 0's half
+    # the loss is the global batch's mean (all-reduced), not rank 0's half. The log sums it in float32
+    # (train.LossLog): a few roundings of ε32 ≈ 1.2e-7 apart (observed: 1.2e-7), which no optimiser
+    # step amplifies, so 1e-5 leaves a wide margin
     assert abs(a["loss"] - b["loss"]) < 1e-5 * abs(a["loss"]), (a["loss"], b["loss"])
 
     # each rank's generator state, in rank order, advanced one draw a step across the resume
