@@ -120,10 +120,15 @@ def use_cuda_graph(cfg: TrainConfig, cuda: bool, world: int) -> bool:
     command line alike): on for one CUDA process unless --compile is on; every train() stage has trained
     as a graph on an H100 and an H200, and a captured step is 1.5–4.3× faster than the eager one
     (bench/README.md). `true` asks for it (refused under torchrun), `false` never; on a CPU it is off."""
-    mode = str(cfg.cuda_graph).lower()                             # True / False from code read as true / false
+    mode = cuda_graph_mode(cfg)
     if mode == "true" and world > 1:
         raise ConfigError("--cuda-graph true trains in one process only (not under torchrun)")
     return cuda and world == 1 and (mode == "true" or (mode == "auto" and not cfg.compile))
+
+
+def cuda_graph_mode(cfg: TrainConfig) -> str:
+    """--cuda-graph as auto | true | false (anything else is refused by check_train_config)."""
+    return str(cfg.cuda_graph).lower()                             # True / False from code read as true / false
 
 
 def explicit_flags(cls, args) -> dict:
@@ -193,9 +198,9 @@ def check_train_config(cfg: TrainConfig):
     if cfg.steps < 0 or cfg.batch_size <= 0 or cfg.lr <= 0:
         raise ConfigError(f"--steps {cfg.steps} must be >= 0, --batch-size {cfg.batch_size} and "
                           f"--lr {cfg.lr} > 0")
-    if str(cfg.cuda_graph).lower() not in ("auto", "true", "false"):
+    if cuda_graph_mode(cfg) not in ("auto", "true", "false"):
         raise ConfigError(f"--cuda-graph {cfg.cuda_graph!r}: choose auto, true or false")
-    if cfg.compile and str(cfg.cuda_graph).lower() == "true":
+    if cfg.compile and cuda_graph_mode(cfg) == "true":
         raise ConfigError("--compile true and --cuda-graph true: choose one (both remove launch overhead)")
     if cfg.grad_clip_mode not in ("norm", "value"):
         raise ConfigError(f"--grad-clip-mode {cfg.grad_clip_mode!r}: choose norm or value")

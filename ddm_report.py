@@ -368,8 +368,8 @@ def plot_tradeoff(summary: dict, path: Path):
                 continue
             x, y = [r[key]["mean"] for r in mine], [r["FID_C"]["mean"] for r in mine]
             err = [[r[key]["mean"] - r[key]["lo"] for r in mine], [r[key]["hi"] - r[key]["mean"] for r in mine]]
-            ax.errorbar(x, y, xerr=err, fmt=style, capsize=2, label=kind, ms=4)
-            labels.append((kind, mine, x, y))
+            line = ax.errorbar(x, y, xerr=err, fmt=style, capsize=2, label=kind, ms=4).lines[0]
+            labels.append((kind, mine, x, y, line.get_color()))
         for r in rows:
             if r["kind"] == "rebalanced":
                 ax.plot(r[key]["mean"], r["FID_C"]["mean"], "*", ms=11, c="k", label="rebalanced α=0")
@@ -383,12 +383,12 @@ def plot_tradeoff(summary: dict, path: Path):
         ys = [r["FID_C"]["mean"] for r in rows]
         if ys and min(ys) > 0 and max(ys) / min(ys) > 10:
             ax.set_yscale("log")
-        for kind, mine, x, y in labels:            # α labels; points closer than 25 px share one label
+        for kind, mine, x, y, color in labels:            # α labels; points closer than 25 px share one label
             px = ax.transData.transform(list(zip(x, y)))                                   # [n, 2] pixels
             for group in near_groups(px, 25.0):
                 ax.annotate(", ".join(f"{mine[j]['alpha']:g}" for j in group), (x[group[0]], y[group[0]]),
                             textcoords="offset points", xytext=(5, 5) if kind == "ddm" else (-6, 3),
-                            ha="left" if kind == "ddm" else "right", fontsize=7, color=f"C{kind != 'ddm':d}")
+                            ha="left" if kind == "ddm" else "right", fontsize=7, color=color)
         ax.set(xlabel=f"{key} (95% CI across seeds)", ylabel="FID-C", title=f"{scenario.upper()} · train {ratio or 'data'} · CFG {scale:g}")
         ax.legend(fontsize=6)
     fig.savefig(path, dpi=110)
