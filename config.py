@@ -108,11 +108,15 @@ def parse_config(cls, presets: dict, argv=None, description=""):
     values.update(explicit_flags(cls, args))
     cfg = cls(**values)
     cuda = args.device.startswith("cuda")
-    world = int(os.environ.get("WORLD_SIZE", "1"))                 # torchrun sets WORLD_SIZE
-    graph = isinstance(cfg, TrainConfig) and use_cuda_graph(cfg, cuda, world)
+    graph = isinstance(cfg, TrainConfig) and use_cuda_graph(cfg, cuda, world_size())
     print(f"preset {args.preset} on {args.device}" + ("" if cuda else " (no GPU: use --preset small on a GPU)")
           + (" with CUDA graphs (--cuda-graph false: eager)" if graph else ""))
     return cfg, args
+
+
+def world_size() -> int:
+    """Processes in this run: torchrun's WORLD_SIZE, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def use_cuda_graph(cfg: TrainConfig, cuda: bool, world: int) -> bool:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from config import (ConfigError, Stopped, TrainConfig, check_train_config, check_writable, comparable,
-                    snapshot_steps, use_cuda_graph)
+                    snapshot_steps, use_cuda_graph, world_size)
 from cuda_graph import GraphStep, match_optimizer
 from datafiles import save_cache, write_atomic
 from stack import clip_per_arm
@@ -96,7 +96,7 @@ def seed_everything(seed: int):
 
 def distributed() -> tuple:
     """(rank, world_size): set up the process group once when launched by torchrun."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+    if world_size() == 1:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
