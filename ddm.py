@@ -302,8 +302,7 @@ def finetune(pipe, cfg: DDMConfig, scenario: str, arms: list, num_groups: int, o
     latents, pools = training_pools(pipe, cfg, arms)
     z0, group = latents["z0"], latents["group"]                               # [N, c, h, w], [N]
     stack = Stacked([arm_model(pipe, cfg, scenario, num_groups, arm.seed) for arm in arms])
-    scheduler, null = stack.template.scheduler, pipe.unet.num_classes
-    device = pipe.device
+    scheduler, null, device = stack.template.scheduler, pipe.unet.num_classes, pipe.device
     alpha = torch.tensor([arm.alpha for arm in arms], device=device)                      # [A]
     sign = torch.tensor([-1.0 if arm.kind == "adversarial" else 1.0 for arm in arms], device=device)
     p_uncond = pipe.cfg.p_uncond if cfg.protocol == "biased-base" and scenario == "spd" else 0.0
@@ -356,10 +355,9 @@ def run_sweep(cfg: DDMConfig, preset: str, runs: str, device: str, fresh=False, 
             for old in [out / "ckpt.pt", out / "log.jsonl", *out.glob("ema_step*.pt")]:
                 old.unlink(missing_ok=True)
         stack = finetune(pipe, arm_cfg, scenario, arms, num_groups, out)
-        if cfg.train_only:
-            continue
-        results[scenario] = ddm_report.evaluate_scenario(pipe, stack, arms, cfg, scenario, num_groups, evaluator,
-                                                         test, confusion, out)
+        if not cfg.train_only:
+            results[scenario] = ddm_report.evaluate_scenario(pipe, stack, arms, cfg, scenario, num_groups, evaluator,
+                                                             test, confusion, out)
     if cfg.train_only:
         return {}
     return ddm_report.write_report(results, cfg, pipe, evaluator, confusion, report_dir(cfg, runs), preset=preset,

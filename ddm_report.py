@@ -56,11 +56,6 @@ def sample_arms(pipe, stack: Stacked, arms: list, cfg, class_row: int, scale: fl
                                batch_size=arm_batch(A, 2 if scale != 1 else 1))
 
 
-def decode(pipe, z):
-    """[A, n, c, h, w] latents -> [A, n, 3, H, W] uint8 images on the CPU."""
-    return pipe.decode(z.flatten(0, 1)).cpu().unflatten(0, z.shape[:2])
-
-
 @torch.inference_mode()
 def indicator_probs(stack: Stacked, z0, cond, t, seed=0) -> torch.Tensor:
     """softmax C(ε̂) of latents z0 [A, N, …] noised at timesteps t [N] (shared by the arms), each arm
@@ -101,7 +96,7 @@ def sample_and_score(pipe, stack, arms, cfg, scenario, num_groups, evaluator, co
     images, c_entropy = {}, torch.zeros(len(arms))
     for g, class_row in rows.items():
         z = sample_arms(pipe, stack, arms, cfg, class_row, scale, group=g)                  # [A, n, c, h, w]
-        images[g] = decode(pipe, z)                                                         # [A, n, 3, H, W]
+        images[g] = pipe.decode(z.flatten(0, 1)).cpu().unflatten(0, z.shape[:2])            # [A, n, 3, H, W] uint8
         t = torch.randint(0, T, (z.shape[1],), generator=torch.Generator().manual_seed(1)).to(z.device)
         cond = torch.full(z.shape[:2], class_row, dtype=torch.long, device=z.device)
         c_entropy += entropy(indicator_probs(stack, z, cond, t)).mean(1).cpu() / len(rows)

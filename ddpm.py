@@ -124,8 +124,7 @@ class DDPMScheduler:
         mean, var = self.posterior(x0, sample, t, prev_t)
         if prev_t < 0:
             return mean
-        noise = torch.randn(sample.shape, generator=generator, device=sample.device)
-        return mean + var ** 0.5 * noise
+        return mean + var ** 0.5 * torch.randn(sample.shape, generator=generator, device=sample.device)
 
 
 class DDIMScheduler(DDPMScheduler):
@@ -364,10 +363,7 @@ def ensure_base(cfg: DiffusionConfig, preset: str, runs: str, device: str, fresh
         cond = drop_labels(label[idx], K, cfg.p_uncond, gen)
         return diffusion_loss(net, scheduler, z0[idx], cond, gen)
 
-    def on_checkpoint(model, run):
-        grids(pipe, run, K)
-
-    stats = train(unet, loss_fn, cfg, out, sample_fn=on_checkpoint, device=device, desc="base")
+    stats = train(unet, loss_fn, cfg, out, sample_fn=lambda model, run: grids(pipe, run, K), device=device, desc="base")
     if rank == 0 and stats["img_per_s"] == stats["img_per_s"]:   # trained now (not NaN): record it
         plot_loss(out)
         print(f"base: {stats['step']} steps, loss {stats['loss']:.4f}, {stats['seconds']:.0f}s, "

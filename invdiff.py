@@ -140,8 +140,7 @@ def check(cfg: InvDiffConfig):
     if cfg.dataset == "mnist-pair":
         raise ConfigError("--dataset mnist-pair: its class is its group, so there is no hidden bias "
                           "attribute; choose cmnist or celeba")
-    for flag, allowed in (("stage", STAGES), ("env_loss", ENV_LOSSES), ("module", MODULES),
-                          ("guidance_form", FORMS)):
+    for flag, allowed in (("stage", STAGES), ("env_loss", ENV_LOSSES), ("module", MODULES), ("guidance_form", FORMS)):
         if getattr(cfg, flag) not in allowed:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)!r}; choose {' or '.join(allowed)}")
     unknown = [k for k in cfg.kinds.split(",") if k not in KINDS]
@@ -287,8 +286,7 @@ def train_arms(pipe, cfg: InvDiffConfig, arms, envs, z0, label, out) -> Stacked:
 
     def loss_fn(net, step, gens):
         z_t, t, cond, target, W = (torch.stack(x) for x in zip(*(draw(W, g) for W, g in zip(envs, gens))))
-        eps_theta = shared_eps_theta(z_t, t, cond)
-        losses = (net(z_t, t, cond, r, eps_theta) - target).square().mean((2, 3, 4))       # ℓ [A, B]
+        losses = (net(z_t, t, cond, r, shared_eps_theta(z_t, t, cond)) - target).square().mean((2, 3, 4))  # ℓ [A, B]
         return invariance_loss(losses, W, lam)                                               # [A]
 
     stats = train(stack, loss_fn, cfg, out, device=device, desc=f"invdiff ({len(arms)} arms)",
@@ -325,7 +323,6 @@ def run_experiment(cfg: InvDiffConfig, pipe: ddpm.Pipeline, runs, preset, fresh=
     start, device = time.perf_counter(), pipe.device
     latents = vae_lib.encode_dataset(pipe.vae, pipe.run_dir.parent / pipe.cfg.vae, pipe.data_cfg, device)
     z0, label, group = latents["z0"], latents["label"], latents["group"]         # [N, c, h, w], [N], [N]
-    num_groups = int(group.max()) + 1
     base, scheduler = pipe.unet.eval().requires_grad_(False), ddpm.build_scheduler(pipe.cfg, "ddpm")
     train_cfg = replace(cfg, **{k: getattr(InvDiffConfig, k) for k in SAMPLING_ONLY})
     name = f"invdiff-{config_hash(train_cfg)}-{pipe.run_dir.name}"
@@ -334,9 +331,8 @@ def run_experiment(cfg: InvDiffConfig, pipe: ddpm.Pipeline, runs, preset, fresh=
     window = tuple(parse_list(cfg, "env_window", int))
 
     def losses_of(form, seed, normalise=True):
-        gen = torch.Generator(device).manual_seed(seed)
         return per_sample_losses(base, scheduler, z0, label, form=form, draws=cfg.env_draws, window=window,
-                                 generator=gen, normalise=normalise)
+                                 generator=torch.Generator(device).manual_seed(seed), normalise=normalise)
 
     def environments(losses, K, seed):
         return infer_environments(losses, K, cfg.env_iters, cfg.env_lr, cfg.env_beta,
@@ -361,7 +357,7 @@ def run_experiment(cfg: InvDiffConfig, pipe: ddpm.Pipeline, runs, preset, fresh=
 
     # 2–4. every arm as one stacked model
     arms = sweep_arms(cfg)
-    envs = arm_environments(arms, inferred, oracle_cells(label, group, num_groups), label)
+    envs = arm_environments(arms, inferred, oracle_cells(label, group, int(group.max()) + 1), label)
     run = Path(runs) / cfg.dataset / name
     if fresh:
         for old in (run / "ckpt.pt", run / "log.jsonl"):
