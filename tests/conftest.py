@@ -27,6 +27,16 @@ _read_data, _data_skips = set(), set()   # nodeids: opened a file under REAL_ROO
 _notebooks = {"ran": 0, "skipped": 0}
 
 
+@pytest.fixture(autouse=True)
+def _restore_runs_folder():
+    before = os.environ.get("FAIRDIFF_RUNS")
+    yield
+    if before is None:
+        os.environ.pop("FAIRDIFF_RUNS", None)
+    else:
+        os.environ["FAIRDIFF_RUNS"] = before
+
+
 def _watch_opens(event, args):
     """Audit hook: note the running test when it opens a path under REAL_ROOT."""
     if event == "open" and _running["test"] and isinstance(args[0], (str, os.PathLike)):
