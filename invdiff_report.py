@@ -245,8 +245,9 @@ def plot_grids(grids: dict, r: float, scale: float, path: Path):
     panels = [(name, x) for (name, r_, s), x in grids.items() if s == scale and (r_ == r or name == "base")]
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
-    classes, per_class = panels[0][1].shape[:2]
-    fig = Figure(figsize=(3.2 * cols, (3.2 * classes / per_class + 0.4) * rows), tight_layout=True)   # panels as tall as their grids
+    classes, per_class, _, h, w = panels[0][1].shape
+    height = 3.2 * classes * h / (per_class * w) + 0.4                  # a panel as tall as its grid, plus a title
+    fig = Figure(figsize=(3.2 * cols, height * rows), tight_layout=True)
     for i, (name, x) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.imshow(make_grid(x.flatten(0, 1), nrow=x.shape[1], padding=1).permute(1, 2, 0).numpy())

@@ -6,10 +6,10 @@
 # r = 0.5 and sampled at r = 0.5 and 0.8, arms erm / inferred λ ∈ {0, 1, 10, 100} / random / oracle
 # cells λ ∈ {0, 1} at seeds 0-2 as one stacked model, CFG 2 and 7.5; preset small, one GPU.
 # Run from the repository root with the CelebA folder under the data root (README, "Data").
-# Committed (both on one NVIDIA H200, side by side): results/celeba_invdiff_authors/ from the first
-# command, results/celeba_invdiff_cells1-4-4-1/ from the second: report.md with the verdict,
-# metrics.json, environments.{md,json}, grids_r<r>_s<scale>.png (blank margins trimmed), loss.png,
-# log.jsonl.
+# Committed (the two runs ran at the same time on one NVIDIA H200; this script runs them in turn):
+# results/celeba_invdiff_authors/ from the first command, results/celeba_invdiff_cells1-4-4-1/ from the
+# second: report.md with the verdict, metrics.json, environments.{md,json}, grids_r<r>_s<scale>.png
+# (cropped of blank margins after the run), loss.png, log.jsonl.
 set -e
 python invdiff.py --dataset celeba                       # report in runs/celeba/invdiff-<config>-<base>/
 python invdiff.py --dataset celeba --cell-ratio 1,4,4,1

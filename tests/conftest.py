@@ -29,6 +29,7 @@ _notebooks = {"ran": 0, "skipped": 0}
 
 @pytest.fixture(autouse=True)
 def _restore_runs_folder():
+    """config.parse_config writes FAIRDIFF_RUNS; put back what the test found (see the docstring)."""
     before = os.environ.get("FAIRDIFF_RUNS")
     yield
     if before is None:
