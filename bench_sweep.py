@@ -16,8 +16,17 @@ over all arms (and MFU = img/s · training FLOPs per image / the device's dense 
 
 `--finetune lora` stacks LoRA arms (the prior protocol's): the frozen convolutions are shared, so
 they run as one plain convolution over N·B images. FLOPs are counted on the full network for both.
+
+`--sampling` times what follows the fine-tunes instead: N stacked LoRA arms (random weights) sampled
+with DDIM under CFG, every arm's latents in one pass of stack.LATENTS_PER_PASS latents in all, as
+ddm_report.sample_arms does, in the float32 (TF32) the stack runs in and in a bfloat16 copy of the
+same stack, from the same noise:
+
+    latents/s  = N · n / (one DDIM run of `--sample-steps` steps; 2 passes a step under CFG)
+    deviation  = RMS(z_bf16 − z_fp32) / std(z_fp32) of the final latents
 """
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -30,7 +39,7 @@ import bench
 import data
 import ddm
 import ddpm
-from stack import Stacked
+from stack import Stacked, arm_batch
 from config import ConfigError, main_guard
 from train import EMA, gradient_clip, make_step, optimizer
 
@@ -42,9 +51,9 @@ def setting(batch: int) -> ddpm.DiffusionConfig:
     return ddpm.base_config(data.DataConfig(dataset="cmnist"), "small", batch_size=batch)
 
 
-def arm_net(cfg, finetune: str, seed: int):
+def arm_net(cfg, finetune: str, seed: int, num_classes=K):
     torch.manual_seed(0)                          # one base for every arm (LoRA's frozen part must agree)
-    unet = ddpm.build_unet(cfg, K)
+    unet = ddpm.build_unet(cfg, num_classes)
     if finetune == "lora":
         torch.manual_seed(seed)
         ddm.add_lora(unet, 8, 32.0)
@@ -133,6 +142,45 @@ def worker(args):
     (args.folder / f"done-{args.worker}").write_text(str(time.time()))
 
 
+def sampling_arm(cfg, seed: int, num_classes: int):
+    """A LoRA arm whose zero-initialised tensors (the output conv, LoRA's B) are drawn at random, so
+    that it predicts something: the frozen ones alike in every arm, the trained ones per seed."""
+    net = arm_net(cfg, "lora", seed, num_classes)
+    frozen, trained = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1 + seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=trained if p.requires_grad else frozen))
+    return net
+
+
+def sampling_rates(dataset: str, n_arms: int, steps: int, scale: float, device, preset="small",
+                   latents_per_arm=None) -> dict:
+    """Stacked LoRA arms sampled in float32 and in a bfloat16 copy (see the docstring's --sampling)."""
+    num_classes, latent = bench.DATASETS[dataset]["num_classes"], bench.DATASETS[dataset]["latent"]
+    cfg = ddpm.base_config(data.DataConfig(dataset=dataset), preset)
+    stack = Stacked([sampling_arm(cfg, a, num_classes) for a in range(n_arms)]).to(device).eval()
+    scheduler = ddpm.build_scheduler(cfg, "ddim")
+    scheduler.set_timesteps(steps)
+    n = latents_per_arm or arm_batch(n_arms, 2 if scale != 1 else 1)              # one pass per step
+    cond = torch.randint(num_classes, (n_arms, n), generator=torch.Generator().manual_seed(0)).to(device)
+    entry, final = {"arms": n_arms, "latents_per_arm": n, "steps": steps, "guidance_scale": scale}, {}
+    for name, model in (("float32", stack), ("bfloat16", copy.deepcopy(stack).to(torch.bfloat16))):
+        def generate():
+            gens = [torch.Generator(device).manual_seed(a) for a in range(n_arms)]
+            final[name] = ddpm.sample_latents(model, scheduler, n, latent, cond=cond, guidance_scale=scale,
+                                              generator=gens, device=device, batch_size=n, null_class=num_classes,
+                                              autocast=False)                      # [N, n, c, h, w]
+        seconds = bench.median_seconds(generate, device, warmup=1, windows=2, iters=1)
+        entry[name] = {"seconds": seconds, "latents_per_s": n_arms * n / seconds}
+        print(f"{dataset}, {n_arms} arms × {n} latents, DDIM-{steps}, CFG {scale:g}, {name}: "
+              f"{entry[name]['latents_per_s']:,.0f} latents/s")
+    fp32, bf16 = final["float32"].float(), final["bfloat16"].float()
+    entry["bfloat16_over_float32"] = entry["bfloat16"]["latents_per_s"] / entry["float32"]["latents_per_s"]
+    entry["deviation"] = ((bf16 - fp32).square().mean().sqrt() / fp32.std()).item()
+    return entry
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="N-arm sweep: stacked vs sequential vs side-by-side processes")
     p.add_argument("--arms", default="6,12,30")
@@ -142,6 +190,11 @@ def main(argv=None):
     p.add_argument("--compare", choices=["diffusers"], default=None)
     p.add_argument("--diffusers-batch", type=int, default=1024)
     p.add_argument("--no-processes", dest="processes", action="store_false")
+    p.add_argument("--sampling", action="store_true", help="time stacked sampling, float32 vs bfloat16")
+    p.add_argument("--sample-datasets", default="cmnist,celeba")
+    p.add_argument("--sample-arms", type=int, default=23, help="default: one seed's FD arms of the prior protocol")
+    p.add_argument("--sample-steps", type=int, default=10)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--out", default=None)
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--folder", type=Path, default=None, help=argparse.SUPPRESS)
@@ -153,6 +206,16 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = True       # as ddm.py: the stacked arms run in float32 (stack.py)
     arms = [int(a) for a in args.arms.split(",")]
     info, device = bench.device_info("cuda"), "cuda"
+    if args.sampling:
+        report = {**info, "torch": torch.__version__, "sampling": {}}
+        out = Path(args.out or f"bench/{info['device_slug']}-stacked-sampling.json")
+        for dataset in args.sample_datasets.split(","):
+            report["sampling"][dataset] = sampling_rates(dataset, args.sample_arms, args.sample_steps,
+                                                         args.guidance_scale, device)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"-> {out}")
+        return report
     cfg = setting(args.batch_size)
     flops = train_flops_per_image(cfg, device)
     z0, label = resident_latents(device)

@@ -79,3 +79,13 @@ def test_device_peaks():
     assert peak_bf16("NVIDIA H200") == 989e12
     assert peak_bf16("NVIDIA H100 PCIe") == 756e12
     assert peak_bf16("NVIDIA GeForce RTX 4090") is None
+
+
+def test_stacked_sampling_bench_times_both_precisions_from_the_same_noise():
+    """bench_sweep --sampling, tiny on CPU: both precisions timed, and the bfloat16 copy's latents near
+    the float32 ones without equalling them (it did run in bfloat16, on the same noise)."""
+    import bench_sweep
+    entry = bench_sweep.sampling_rates("cmnist", 3, 3, 7.5, "cpu", preset="tiny", latents_per_arm=4)
+    for name in ("float32", "bfloat16"):
+        assert entry[name]["latents_per_s"] == pytest.approx(3 * 4 / entry[name]["seconds"])
+    assert 0 < entry["deviation"] < 0.1
