@@ -143,8 +143,9 @@ def worker(args):
 
 
 def sampling_arm(cfg, seed: int, num_classes: int):
-    """A LoRA arm whose zero-initialised tensors (the output conv, LoRA's B) are drawn at random, so
-    that it predicts something: the frozen ones alike in every arm, the trained ones per seed."""
+    """A LoRA arm whose zero-initialised tensors (each residual branch's last conv, the attention
+    outputs, the norms' biases, the output conv, LoRA's B) are drawn at random, so that it predicts
+    something: the frozen ones alike in every arm, the trained ones per seed."""
     net = arm_net(cfg, "lora", seed, num_classes)
     frozen, trained = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1 + seed)
     with torch.no_grad():
