@@ -12,7 +12,8 @@ closing every window:
     train img/s     = B / (one train() step: bf16 autocast diffusion loss, backward, grad clip,
                            fused AdamW, LR schedule, EMA with torch._foreach_* ops;
                            --cuda-graph: that step captured once and replayed, cuda_graph.GraphStep)
-    sample img/s    = n / (n noises -> n uint8 images: DDIM-50 or DDPM-1000, then the VAE decode)
+    sample img/s    = n / (n noises -> n uint8 images: DDIM-50 or DDPM-1000, then the VAE decode;
+                           --cuda-graph: the denoiser's forward captured once, cuda_graph.GraphDenoiser)
     FLOPs / image   = torch.utils.flop_counter.FlopCounterMode on a small batch (attention through
                       its math kernel, so every backend's attention is counted the same way)
     MFU             = img/s · FLOPs/image / (the device's dense bf16 peak; null when unknown)
@@ -52,6 +53,7 @@ import data
 import ddpm
 import vae as vae_lib
 from config import ConfigError, device_name, main_guard
+from cuda_graph import GraphDenoiser
 from train import EMA, gradient_clip, make_step, optimizer
 from unet import count_parameters
 
@@ -223,12 +225,13 @@ def bench_model(model, cfg, vae, num_classes, plan, args) -> dict:
         flops_decode = count_flops(lambda: vae.decode_latents(z)) / FLOP_BATCH
     out["forward_gflop_per_img"] = flops_forward / 1e9
     out["decode_gflop_per_img"] = flops_decode / 1e9
+    denoiser = GraphDenoiser(pipe.unet) if args.cuda_graph else pipe.unet   # captured in the first warm-up
     sample = {}
     for sampler in ("ddim", "ddpm"):
         steps = plan[f"{sampler}_steps"]
 
         def generate():
-            return pipe.sample(n, None, seed=0, steps=steps, sampler=sampler, batch_size=n)
+            return pipe.sample(n, None, seed=0, steps=steps, sampler=sampler, batch_size=n, model=denoiser)
         reset_peak_memory(device)
         warmup = 1 if sampler == "ddim" else 0                         # DDIM's run warms DDPM's shapes
         seconds = median_seconds(generate, device, warmup, plan["sample_windows"], 1)
@@ -252,7 +255,8 @@ def parse_args(argv=None):
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated: cmnist,celeba")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (training and sampling)")
     p.add_argument("--channels-last", action="store_true", help="channels_last weights and latents")
-    p.add_argument("--cuda-graph", action="store_true", help="the training step captured in a CUDA graph")
+    p.add_argument("--cuda-graph", action="store_true", help="the training step and the sampler's denoiser "
+                   "captured in CUDA graphs")
     p.add_argument("--no-sampling", dest="sampling", action="store_false", help="time training only")
     p.add_argument("--compare", choices=["diffusers"], default=None, help="also time diffusers' UNet2DModel")
     p.add_argument("--quick", action="store_true", help="tiny models and a few iterations (a smoke test)")

@@ -19,11 +19,12 @@ they run as one plain convolution over N·B images. FLOPs are counted on the ful
 
 `--sampling` times what follows the fine-tunes instead: N stacked LoRA arms (random weights) sampled
 with DDIM under CFG, every arm's latents in one pass of stack.LATENTS_PER_PASS latents in all, as
-ddm_report.sample_arms does, in the float32 (TF32) the stack runs in and in a bfloat16 copy of the
-same stack, from the same noise:
+ddm_report.sample_arms does, in the float32 (TF32) the stack runs in, in float32 with the stack's
+forward captured as a CUDA graph (cuda_graph.GraphDenoiser, captured in the warm-up run) and in a
+bfloat16 copy of the same stack, from the same noise:
 
-    latents/s  = N · n / (one DDIM run of `--sample-steps` steps; 2 passes a step under CFG)
-    deviation  = RMS(z_bf16 − z_fp32) / std(z_fp32) of the final latents
+    latents/s            = N · n / (one DDIM run of `--sample-steps` steps; 2 passes a step under CFG)
+    <variant>_deviation  = RMS(z_variant − z_fp32) / std(z_fp32) of the final latents
 """
 import argparse
 import copy
@@ -39,6 +40,7 @@ import bench
 import data
 import ddm
 import ddpm
+from cuda_graph import GraphDenoiser
 from stack import Stacked, arm_batch
 from config import ConfigError, main_guard
 from train import EMA, gradient_clip, make_step, optimizer
@@ -157,7 +159,8 @@ def sampling_arm(cfg, seed: int, num_classes: int):
 
 def sampling_rates(dataset: str, n_arms: int, steps: int, scale: float, device, preset="small",
                    latents_per_arm=None) -> dict:
-    """Stacked LoRA arms sampled in float32 and in a bfloat16 copy (see the docstring's --sampling)."""
+    """Stacked LoRA arms sampled in float32, captured (CUDA only) and in a bfloat16 copy (the docstring's
+    --sampling)."""
     num_classes, latent = bench.DATASETS[dataset]["num_classes"], bench.DATASETS[dataset]["latent"]
     cfg = ddpm.base_config(data.DataConfig(dataset=dataset), preset)
     stack = Stacked([sampling_arm(cfg, a, num_classes) for a in range(n_arms)]).to(device).eval()
@@ -166,7 +169,10 @@ def sampling_rates(dataset: str, n_arms: int, steps: int, scale: float, device, 
     n = latents_per_arm or arm_batch(n_arms, 2 if scale != 1 else 1)              # one pass per step
     cond = torch.randint(num_classes, (n_arms, n), generator=torch.Generator().manual_seed(0)).to(device)
     entry, final = {"arms": n_arms, "latents_per_arm": n, "steps": steps, "guidance_scale": scale}, {}
-    for name, model in (("float32", stack), ("bfloat16", copy.deepcopy(stack).to(torch.bfloat16))):
+    variants = [("float32", stack), ("bfloat16", copy.deepcopy(stack).to(torch.bfloat16))]
+    if str(device).startswith("cuda"):                  # the float32 stack's forward captured once, replayed
+        variants.insert(1, ("float32_graph", GraphDenoiser(stack)))
+    for name, model in variants:
         def generate():
             gens = [torch.Generator(device).manual_seed(a) for a in range(n_arms)]
             final[name] = ddpm.sample_latents(model, scheduler, n, latent, cond=cond, guidance_scale=scale,
@@ -176,9 +182,10 @@ def sampling_rates(dataset: str, n_arms: int, steps: int, scale: float, device, 
         entry[name] = {"seconds": seconds, "latents_per_s": n_arms * n / seconds}
         print(f"{dataset}, {n_arms} arms × {n} latents, DDIM-{steps}, CFG {scale:g}, {name}: "
               f"{entry[name]['latents_per_s']:,.0f} latents/s")
-    fp32, bf16 = final["float32"].float(), final["bfloat16"].float()
-    entry["bfloat16_over_float32"] = entry["bfloat16"]["latents_per_s"] / entry["float32"]["latents_per_s"]
-    entry["deviation"] = ((bf16 - fp32).square().mean().sqrt() / fp32.std()).item()
+    fp32 = final["float32"].float()
+    for name in final.keys() - {"float32"}:
+        entry[f"{name}_over_float32"] = entry[name]["latents_per_s"] / entry["float32"]["latents_per_s"]
+        entry[f"{name}_deviation"] = ((final[name].float() - fp32).square().mean().sqrt() / fp32.std()).item()
     return entry
 
 
@@ -191,7 +198,7 @@ def main(argv=None):
     p.add_argument("--compare", choices=["diffusers"], default=None)
     p.add_argument("--diffusers-batch", type=int, default=1024)
     p.add_argument("--no-processes", dest="processes", action="store_false")
-    p.add_argument("--sampling", action="store_true", help="time stacked sampling, float32 vs bfloat16")
+    p.add_argument("--sampling", action="store_true", help="time stacked sampling: float32, captured, bfloat16")
     p.add_argument("--sample-datasets", default="cmnist,celeba")
     p.add_argument("--sample-arms", type=int, default=23, help="default: one seed's FD arms of the prior protocol")
     p.add_argument("--sample-steps", type=int, default=10)

@@ -88,4 +88,4 @@ def test_stacked_sampling_bench_times_both_precisions_from_the_same_noise():
     entry = bench_sweep.sampling_rates("cmnist", 3, 3, 7.5, "cpu", preset="tiny", latents_per_arm=4)
     for name in ("float32", "bfloat16"):
         assert entry[name]["latents_per_s"] == pytest.approx(3 * 4 / entry[name]["seconds"])
-    assert 0 < entry["deviation"] < 0.1
+    assert 0 < entry["bfloat16_deviation"] < 0.1

@@ -152,6 +152,51 @@ def test_stacked_sampling_with_cfg_is_each_arms_lone_sampling_at_any_batch_size(
         assert torch.allclose(stacked[5][a], lone, atol=1e-4)
 
 
+def sampling_stack():
+    arms = []
+    for a in range(2):
+        torch.manual_seed(a)
+        arms.append(UNet(1, (8, 16), num_res_blocks=1, num_classes=2, groups=4))
+        torch.nn.init.normal_(arms[-1].out[-1].weight, std=0.1)
+    return Stacked(arms).eval()
+
+
+def test_the_graph_sampler_copies_every_steps_inputs_into_its_static_tensors():
+    """sample_latents(graph=True) off CUDA runs GraphDenoiser's copies around a plain call: its samples
+    equal the plain loop's, for a full and a last, smaller chunk (two static shapes), under CFG. A
+    stale static input (a copy skipped) would replay step 1's latents or conditions at every step."""
+    from cuda_graph import GraphDenoiser
+    from ddpm import DDIMScheduler, sample_latents
+    stack, ddim = sampling_stack(), DDIMScheduler(num_train_timesteps=100)
+    ddim.set_timesteps(4)
+    cond = torch.tensor([[0, 1, 0, 1, 1], [1, 1, 0, 0, 1]])
+    run = lambda model, graph: sample_latents(model, ddim, 5, (1, 2, 2), cond=cond, guidance_scale=3.0,
+                                              generator=[torch.Generator().manual_seed(s) for s in (11, 12)],
+                                              batch_size=3, null_class=2, graph=graph)
+    assert torch.equal(run(stack, True), run(stack, False))
+    denoiser = GraphDenoiser(stack, capture=False)
+    assert torch.equal(run(denoiser, False), run(stack, False))
+    assert len(denoiser.graphs) == 2                        # chunks of 3 and 2 latents, each kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_sampling_equals_eager_sampling_on_a_gpu():
+    """On CUDA the stack's forward is captured once per shape and replayed at every DDIM step; the
+    samples match the eager loop's (the same kernels; float32) and a second run reuses the graphs."""
+    from cuda_graph import GraphDenoiser
+    from ddpm import DDIMScheduler, sample_latents
+    stack, ddim = sampling_stack().cuda(), DDIMScheduler(num_train_timesteps=100)
+    ddim.set_timesteps(10)
+    cond = torch.tensor([[0, 1, 0, 1, 1], [1, 1, 0, 0, 1]], device="cuda")
+    run = lambda model: sample_latents(model, ddim, 5, (1, 2, 2), cond=cond, guidance_scale=3.0, device="cuda",
+                                       generator=[torch.Generator("cuda").manual_seed(s) for s in (11, 12)],
+                                       batch_size=5, null_class=2, autocast=False)
+    denoiser = GraphDenoiser(stack)
+    eager, captured, again = run(stack), run(denoiser), run(denoiser)
+    assert len(denoiser.graphs) == 1 and next(iter(denoiser.graphs.values()))[0] is not None
+    assert torch.allclose(captured, eager, atol=1e-4) and torch.equal(captured, again)
+
+
 def test_a_non_finite_loss_before_a_snapshot_writes_nothing(tmp_path):
     """A snapshot step saves like a checkpoint step, so it checks the loss first: a NaN at step 1 with
     a snapshot at step 2 stops the run and leaves no checkpoint or snapshot behind."""
