@@ -101,7 +101,7 @@ class GraphDenoiser:
     def __call__(self, z, t, cond=None):
         key = (tuple(z.shape), z.dtype, cond is None, torch.is_autocast_enabled("cuda"))
         if key not in self.graphs:
-            static = [z.clone(), t.clone(), None if cond is None else cond.clone()]
+            static = [None if x is None else x.clone(memory_format=torch.contiguous_format) for x in (z, t, cond)]
             graph, out = None, None
             if self.capture:
                 side = torch.cuda.Stream()
