@@ -183,7 +183,7 @@ def sampling_rates(dataset: str, n_arms: int, steps: int, scale: float, device, 
         print(f"{dataset}, {n_arms} arms × {n} latents, DDIM-{steps}, CFG {scale:g}, {name}: "
               f"{entry[name]['latents_per_s']:,.0f} latents/s")
     fp32 = final["float32"].float()
-    for name in final.keys() - {"float32"}:
+    for name in [k for k in final if k != "float32"]:
         entry[f"{name}_over_float32"] = entry[name]["latents_per_s"] / entry["float32"]["latents_per_s"]
         entry[f"{name}_deviation"] = ((final[name].float() - fp32).square().mean().sqrt() / fp32.std()).item()
     return entry
