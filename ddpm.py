@@ -36,7 +36,6 @@ import data
 import vae as vae_lib
 from config import (ConfigError, TrainConfig, check_train_config, config_hash, explicit_flags, from_fields, int_list,
                     main_guard, parse_config, runtime_flags)
-from cuda_graph import GraphDenoiser
 from train import distributed, load_checkpoint, local_batch, seed_everything, train
 from unet import UNet, count_parameters
 
@@ -170,7 +169,7 @@ def diffusion_loss(model, scheduler, z0, cond, generator):
 
 @torch.inference_mode()
 def sample_latents(model, scheduler, n, shape, *, cond=None, guidance_scale=1.0, generator=None,
-                   device="cpu", batch_size=1000, null_class=None, autocast=True, graph=False):
+                   device="cpu", batch_size=1000, null_class=None, autocast=True):
     """z_T ~ N(0, I) -> scheduler.step ... -> z_0, for n latents of `shape` [c, h, w].
 
     model(z, t, cond) -> output; cond [n] int or None (∅). With guidance_scale s ≠ 1 and a cond,
@@ -178,10 +177,7 @@ def sample_latents(model, scheduler, n, shape, *, cond=None, guidance_scale=1.0,
     Stacked arms (stack.Stacked): generator is a list, one per arm, and every tensor gains a leading
     arm axis: z [A, n, c, h, w], cond [A, n]. Arm a draws its z_T from its own generator exactly as a
     lone run would, whatever the batch size (a DDIM step with η > 0 draws its noise from arm 0's).
-    graph: the model's forward captured as a CUDA graph per input shape and replayed at every step
-    (cuda_graph.GraphDenoiser; off a CUDA device only its copies run)."""
-    if graph:
-        model = GraphDenoiser(model, capture=str(device).startswith("cuda"))
+    A model wrapped in cuda_graph.GraphDenoiser replays one captured forward per step."""
     gens = generator if isinstance(generator, list) else None
     batch_dim = -len(shape) - 1                                          # the sample axis
     if gens is None:                    # all of z_T first: the samples do not depend on batch_size
@@ -292,9 +288,9 @@ class Pipeline:
         unet.eval()
 
     def sample_latents(self, n, cond=None, seed=0, steps=None, sampler="ddim", eta=0.0,
-                       guidance_scale=1.0, model=None, batch_size=1000, autocast=True, graph=False):
+                       guidance_scale=1.0, model=None, batch_size=1000, autocast=True):
         """seed: an int, or one per arm (a list) for a stacked model (see sample_latents); autocast
-        False keeps a CUDA model in float32 (as a stacked model always runs); graph: see sample_latents."""
+        False keeps a CUDA model in float32 (as a stacked model always runs)."""
         scheduler = build_scheduler(self.cfg, sampler, eta)
         scheduler.set_timesteps(steps or (self.cfg.sample_steps if sampler == "ddim" else self.cfg.num_train_timesteps))
         gens = [torch.Generator(self.device).manual_seed(s) for s in (seed if isinstance(seed, list) else [seed])]
@@ -302,7 +298,7 @@ class Pipeline:
         return sample_latents(model, scheduler, n, self.latent_shape, cond=cond, guidance_scale=guidance_scale,
                               generator=gens if isinstance(seed, list) else gens[0], device=self.device,
                               batch_size=batch_size, null_class=getattr(model, "num_classes", self.unet.num_classes),
-                              autocast=autocast, graph=graph)
+                              autocast=autocast)
 
     @torch.inference_mode()
     def decode(self, z0, batch_size=1000):

@@ -126,16 +126,22 @@ def test_frozen_tensors_are_shared_and_must_agree():
     assert "conv_in.weight" not in stack.names and stack.stacked[0].shape[0] == 2
 
 
-def test_stacked_sampling_with_cfg_is_each_arms_lone_sampling_at_any_batch_size():
-    """Arm a of a stacked DDIM run with CFG draws what the lone arm draws from the same seed, and
-    neither depends on the batch size the samples are drawn in. Latents of 1×2×2: a CPU generator
-    gives the same numbers in chunks as at once only for chunks of a multiple of 16 elements."""
-    from ddpm import DDIMScheduler, sample_latents
+def sampling_arms():
+    """Two UNets on 1×2×2 latents whose output conv is not zero, so that they predict something."""
     arms = []
     for a in range(2):
         torch.manual_seed(a)
         arms.append(UNet(1, (8, 16), num_res_blocks=1, num_classes=2, groups=4))
         torch.nn.init.normal_(arms[-1].out[-1].weight, std=0.1)
+    return arms
+
+
+def test_stacked_sampling_with_cfg_is_each_arms_lone_sampling_at_any_batch_size():
+    """Arm a of a stacked DDIM run with CFG draws what the lone arm draws from the same seed, and
+    neither depends on the batch size the samples are drawn in. Latents of 1×2×2: a CPU generator
+    gives the same numbers in chunks as at once only for chunks of a multiple of 16 elements."""
+    from ddpm import DDIMScheduler, sample_latents
+    arms = sampling_arms()
     stack = Stacked(arms).eval()
     ddim = DDIMScheduler(num_train_timesteps=100)
     ddim.set_timesteps(4)
@@ -152,30 +158,20 @@ def test_stacked_sampling_with_cfg_is_each_arms_lone_sampling_at_any_batch_size(
         assert torch.allclose(stacked[5][a], lone, atol=1e-4)
 
 
-def sampling_stack():
-    arms = []
-    for a in range(2):
-        torch.manual_seed(a)
-        arms.append(UNet(1, (8, 16), num_res_blocks=1, num_classes=2, groups=4))
-        torch.nn.init.normal_(arms[-1].out[-1].weight, std=0.1)
-    return Stacked(arms).eval()
-
-
 def test_the_graph_sampler_copies_every_steps_inputs_into_its_static_tensors():
-    """sample_latents(graph=True) off CUDA runs GraphDenoiser's copies around a plain call: its samples
-    equal the plain loop's, for a full and a last, smaller chunk (two static shapes), under CFG. A
-    stale static input (a copy skipped) would replay step 1's latents or conditions at every step."""
+    """GraphDenoiser(capture=False), as off CUDA, runs its copies around a plain call: sample_latents
+    with it equals the plain loop, for a full and a last, smaller chunk (two static shapes), under CFG.
+    A stale static input (a copy skipped) would replay step 1's latents or conditions at every step."""
     from cuda_graph import GraphDenoiser
     from ddpm import DDIMScheduler, sample_latents
-    stack, ddim = sampling_stack(), DDIMScheduler(num_train_timesteps=100)
+    stack, ddim = Stacked(sampling_arms()).eval(), DDIMScheduler(num_train_timesteps=100)
     ddim.set_timesteps(4)
     cond = torch.tensor([[0, 1, 0, 1, 1], [1, 1, 0, 0, 1]])
-    run = lambda model, graph: sample_latents(model, ddim, 5, (1, 2, 2), cond=cond, guidance_scale=3.0,
-                                              generator=[torch.Generator().manual_seed(s) for s in (11, 12)],
-                                              batch_size=3, null_class=2, graph=graph)
-    assert torch.equal(run(stack, True), run(stack, False))
+    run = lambda model: sample_latents(model, ddim, 5, (1, 2, 2), cond=cond, guidance_scale=3.0,
+                                       generator=[torch.Generator().manual_seed(s) for s in (11, 12)],
+                                       batch_size=3, null_class=2)
     denoiser = GraphDenoiser(stack, capture=False)
-    assert torch.equal(run(denoiser, False), run(stack, False))
+    assert torch.equal(run(denoiser), run(stack))
     assert len(denoiser.graphs) == 2                        # chunks of 3 and 2 latents, each kept
 
 
@@ -185,7 +181,7 @@ def test_captured_sampling_equals_eager_sampling_on_a_gpu():
     samples match the eager loop's (the same kernels; float32) and a second run reuses the graphs."""
     from cuda_graph import GraphDenoiser
     from ddpm import DDIMScheduler, sample_latents
-    stack, ddim = sampling_stack().cuda(), DDIMScheduler(num_train_timesteps=100)
+    stack, ddim = Stacked(sampling_arms()).eval().cuda(), DDIMScheduler(num_train_timesteps=100)
     ddim.set_timesteps(10)
     cond = torch.tensor([[0, 1, 0, 1, 1], [1, 1, 0, 0, 1]], device="cuda")
     run = lambda model: sample_latents(model, ddim, 5, (1, 2, 2), cond=cond, guidance_scale=3.0, device="cuda",
